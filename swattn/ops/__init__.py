@@ -1,0 +1,1 @@
+"""The sliding-window attention op: public entry point, oracle and backends."""

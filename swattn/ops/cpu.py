@@ -1,0 +1,131 @@
+"""The compiled CPU backend: builds ``csrc/swattn_cpu.cpp`` on first use and calls it.
+
+The kernel is compiled for the machine it runs on (``-march=native``) by PyTorch's
+extension builder and cached (``~/.cache/torch_extensions``; ``TORCH_EXTENSIONS_DIR``
+moves it), so the first call takes about half a minute and later ones none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from swattn.ops.plan import plan_blocks
+from swattn.ops.validate import Problem
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+BLOCK_K = 512
+_SOURCE = Path(__file__).parent / "csrc" / "swattn_cpu.cpp"
+_lock = threading.Lock()
+_state: dict[str, object] = {"loaded": False, "error": None}
+
+
+def _cpu_signature() -> str:
+    """Identifies the processor, so a cache shared between machines never runs foreign code."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features", "model name")):
+                    flags += line
+                if line.strip() == "":
+                    break
+    except OSError:
+        flags = platform.processor()
+    return flags
+
+
+def load() -> None:
+    """Builds (once) and loads the kernel; raises RuntimeError saying why if it cannot."""
+    with _lock:
+        if _state["loaded"]:
+            return
+        if _state["error"] is not None:
+            raise RuntimeError(_state["error"])
+        from torch.utils import cpp_extension
+
+        source = _SOURCE.read_bytes()
+        key = hashlib.sha256(source + _cpu_signature().encode() + torch.__version__.encode()).hexdigest()[:12]
+        name = f"swattn_cpu_{key}"
+        build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+        if not any(build_dir.glob("*.so")):
+            print("swattn: compiling the CPU kernel for this machine (once, about 30 s)...", file=sys.stderr)
+        try:
+            cpp_extension.load(
+                name=name,
+                sources=[str(_SOURCE)],
+                # associative math lets the compiler vectorise the row sums; infinities are
+                # still honoured (no -ffinite-math-only), which the masking relies on
+                extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
+                              "-fassociative-math", "-fno-signed-zeros"],
+                is_python_module=False,
+                verbose=os.environ.get("SWATTN_VERBOSE_BUILD") == "1",
+            )
+        except Exception as exc:  # compiler missing, headers missing, ...
+            _state["error"] = f"swattn: could not build the CPU kernel: {exc}"
+            raise RuntimeError(_state["error"]) from exc
+        _state["loaded"] = True
+
+
+def available() -> bool:
+    """Whether the kernel is (or can be) built here; warns once when it cannot."""
+    try:
+        load()
+        return True
+    except RuntimeError as exc:
+        if not _state.get("warned"):
+            warnings.warn(f"{exc}; falling back to the slower portable backend", RuntimeWarning, stacklevel=3)
+            _state["warned"] = True
+        return False
+
+
+def block_q_for(groups: int) -> int:
+    """Queries per block: about 128 matrix rows once the grouped heads are folded in."""
+    return max(16, 128 // groups)
+
+
+def _plan_tensors(p: Problem, block_q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    blocks = plan_blocks(p, block_q, BLOCK_K)
+    ptr = [0]
+    flat: list[int] = []
+    for blk in blocks:
+        for j0, j1 in blk.key_ranges:
+            flat += (j0, j1)
+        ptr.append(len(flat) // 2)
+    ranges = torch.tensor(flat, dtype=torch.int64).view(-1, 2)
+    return torch.tensor(ptr, dtype=torch.int64), ranges
+
+
+def _call_args(p: Problem) -> tuple:
+    block_q = block_q_for(p.groups)
+    block_ptr, ranges = _plan_tensors(p, block_q)
+    window = -1 if p.window is None else p.window
+    softcap = 0.0 if p.softcap is None else p.softcap
+    return (p.q_pos, p.k_pos, window, softcap, p.scale, block_q, block_ptr, ranges)
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gives ``(out, lse)``; q, k, v contiguous CPU tensors of one dtype in DTYPES."""
+    load()
+    return torch.ops.swattn.forward(q, k, v, *_call_args(p))
+
+
+def backward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    dout: torch.Tensor, p: Problem,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gives ``(dq, dk, dv)``."""
+    load()
+    # Work items are (batch row, kv head, segment of queries); split the queries when there
+    # are fewer (row, head) pairs than threads, at the price of summing overlapping dK/dV.
+    threads = torch.get_num_threads()
+    pairs = p.batch * p.heads_kv
+    segments = 1 if pairs >= threads else min(-(-2 * threads // pairs), max(1, p.q_len // 512))
+    return torch.ops.swattn.backward(q, k, v, out, lse, dout, *_call_args(p), segments)

@@ -1,0 +1,486 @@
+// swattn's CPU kernel: exact sliding-window attention, forward and backward.
+//
+// Work item = (batch row, kv head, block of queries). The query rows of all heads that
+// share one kv head are folded into the rows of one matrix (grouped-query attention without
+// repeating K/V). For each key range the planner (plan.py) says the block must visit:
+//   S = scale * Q K^T           (MKL sgemm, one thread per work item)
+//   one fused pass per row: soft-cap, mask, running max, exp, running sum
+//   Acc = corr * Acc + P V      (MKL sgemm)
+// so the only score memory is one (rows x block_k) tile per thread. Inputs in bf16/fp16 are
+// converted tile by tile; all arithmetic is fp32. Backward recomputes the tiles from the
+// saved log-sum-exp (flash-attention's approach) and accumulates dK/dV per work item.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+extern "C" {
+// BLAS as linked into libtorch_cpu (MKL on x86): column-major Fortran sgemm, and MKL's
+// per-thread thread count (Fortran binding; weak, so a build without MKL still loads).
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc);
+__attribute__((weak)) int mkl_set_num_threads_local_(const int* nt);
+}
+
+namespace swattn {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Row-major C = alpha * op(A) op(B) + beta * C, through column-major sgemm on transposes.
+inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                 int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  const char ca = ta ? 'T' : 'N';
+  const char cb = tb ? 'T' : 'N';
+  const int M = static_cast<int>(m), N = static_cast<int>(n), K = static_cast<int>(k);
+  const int LDA = static_cast<int>(lda), LDB = static_cast<int>(ldb), LDC = static_cast<int>(ldc);
+  sgemm_(&cb, &ca, &N, &M, &K, &alpha, b, &LDB, a, &LDA, &beta, c, &LDC);
+}
+
+// exp(x) as 2^n * e^r with a degree-6 polynomial (Cephes' expf): about 1 ulp, and written so
+// that the compiler vectorises the loops that call it (libm's expf would not be).
+inline float fast_exp(float x) {
+  x = x < -87.0f ? -87.0f : x;  // e^-87 ~ 1e-38: callers zero masked entries exactly
+  x = x > 88.0f ? 88.0f : x;
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+
+inline float fast_tanh(float x) {
+  const float e = fast_exp(-2.0f * std::fabs(x));
+  return std::copysign((1.0f - e) / (1.0f + e), x);
+}
+
+template <typename T>
+inline void to_float(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <typename T>
+inline void from_float(const float* src, T* dst, int64_t n, float mul) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i] * mul);
+}
+
+// A tile of keys or values as fp32: a pointer into the input for float, else a converted copy.
+template <typename T>
+inline const float* tile(const T* src, std::vector<float>& buf, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    to_float(src, buf.data(), n);
+    return buf.data();
+  }
+}
+
+// Everything the kernels need to know about one call.
+struct Problem {
+  int64_t B, H, Hkv, G, Lq, Lk, D;
+  int64_t window;  // <= 0: full causal attention
+  float softcap;   // <= 0: none
+  float scale;
+  int64_t block_q, n_qblocks, max_kn;
+  const int64_t* q_pos;  // (B, Lq) or nullptr: queries are the last Lq of the keys
+  const int64_t* k_pos;  // (B, Lk) or nullptr
+  const int64_t* block_ptr;  // (n_qblocks + 1): CSR index into ranges
+  const int64_t* ranges;     // (n_ranges, 2): key ranges [start, stop) per query block
+
+  int64_t q_position(int64_t b, int64_t i) const {
+    return q_pos ? q_pos[b * Lq + i] : Lk - Lq + i;
+  }
+};
+
+// The keys of [j0, j1) that a query at position p sees form, without positions, the interval
+// [lo, hi) relative to j0; with positions `exact` is set and the caller tests each key.
+struct RowMask {
+  int64_t lo, hi;
+  bool exact;
+};
+
+inline RowMask row_mask(const Problem& pb, int64_t p, int64_t j0, int64_t j1) {
+  if (pb.k_pos) return {0, j1 - j0, true};
+  int64_t lo = pb.window > 0 ? std::max(j0, p - pb.window + 1) : j0;
+  int64_t hi = std::min(j1, p + 1);
+  return {lo - j0, std::max(hi, lo) - j0, false};
+}
+
+inline bool key_visible(int64_t kp, int64_t p, int64_t window) {
+  return kp >= 0 && kp <= p && (window <= 0 || kp > p - window);
+}
+
+// Soft-caps s[lo:hi] in place; keeps tanh's value in t (for the backward) when t is given.
+inline void apply_softcap(float* s, float* t, int64_t lo, int64_t hi, float cap) {
+  const float inv = 1.0f / cap;
+  if (t) {
+    for (int64_t j = lo; j < hi; ++j) {
+      const float th = fast_tanh(s[j] * inv);
+      t[j] = th;
+      s[j] = cap * th;
+    }
+  } else {
+    for (int64_t j = lo; j < hi; ++j) s[j] = cap * fast_tanh(s[j] * inv);
+  }
+}
+
+// Turns a row of scores into exp(s - m) over the visible keys, zero elsewhere; returns the sum.
+inline float exp_row(float* s, int64_t kn, const RowMask& rm, const int64_t* kp, int64_t p,
+                     int64_t window, float m) {
+  float sum = 0.0f;
+  if (rm.exact) {
+    for (int64_t j = 0; j < kn; ++j) {
+      const float e = fast_exp(s[j] - m);
+      const float v = key_visible(kp[j], p, window) ? e : 0.0f;
+      s[j] = v;
+      sum += v;
+    }
+    return sum;
+  }
+  std::fill(s, s + rm.lo, 0.0f);
+  for (int64_t j = rm.lo; j < rm.hi; ++j) {
+    const float v = fast_exp(s[j] - m);
+    s[j] = v;
+    sum += v;
+  }
+  std::fill(s + rm.hi, s + kn, 0.0f);
+  return sum;
+}
+
+inline float row_max(const float* s, const RowMask& rm, const int64_t* kp, int64_t p, int64_t window) {
+  float mx = kNegInf;
+  if (rm.exact) {
+    for (int64_t j = rm.lo; j < rm.hi; ++j) {
+      const float v = key_visible(kp[j], p, window) ? s[j] : kNegInf;
+      mx = v > mx ? v : mx;
+    }
+  } else {
+    for (int64_t j = rm.lo; j < rm.hi; ++j) mx = s[j] > mx ? s[j] : mx;
+  }
+  return mx;
+}
+
+// Loads the rows of one query block, all heads of kv head hk: (G * n, D) fp32, row g * n + i.
+template <typename T>
+inline void load_rows(const T* x, const Problem& pb, int64_t b, int64_t hk, int64_t i0, int64_t n,
+                      float* dst) {
+  for (int64_t g = 0; g < pb.G; ++g) {
+    const T* src = x + ((b * pb.H + hk * pb.G + g) * pb.Lq + i0) * pb.D;
+    to_float(src, dst + g * n * pb.D, n * pb.D);
+  }
+}
+
+// Keeps MKL to one thread inside our own parallel loop, restoring the caller's setting.
+struct SingleThreadedBlas {
+  int previous = 0;
+  SingleThreadedBlas() {
+    const int one = 1;
+    if (mkl_set_num_threads_local_) previous = mkl_set_num_threads_local_(&one);
+  }
+  ~SingleThreadedBlas() {
+    if (mkl_set_num_threads_local_) mkl_set_num_threads_local_(&previous);
+  }
+};
+
+template <typename T>
+void forward_kernel(const Problem& pb, const T* q, const T* k, const T* v, T* out, float* lse) {
+  const int64_t rows_max = pb.G * pb.block_q;
+  const int64_t items = pb.B * pb.Hkv * pb.n_qblocks;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas blas;
+    std::vector<float> qt(rows_max * pb.D), acc(rows_max * pb.D), s(rows_max * pb.max_kn);
+    std::vector<float> m(rows_max), l(rows_max), kbuf, vbuf;
+    std::vector<int64_t> qp(pb.block_q);
+    if constexpr (!std::is_same_v<T, float>) {
+      kbuf.resize(pb.max_kn * pb.D);
+      vbuf.resize(pb.max_kn * pb.D);
+    }
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / (pb.Hkv * pb.n_qblocks);
+      const int64_t hk = (item / pb.n_qblocks) % pb.Hkv;
+      const int64_t qb = item % pb.n_qblocks;
+      const int64_t i0 = qb * pb.block_q;
+      const int64_t n = std::min(pb.block_q, pb.Lq - i0);
+      const int64_t rows = pb.G * n;
+      for (int64_t i = 0; i < n; ++i) qp[i] = pb.q_position(b, i0 + i);
+      load_rows(q, pb, b, hk, i0, n, qt.data());
+      std::fill(m.begin(), m.begin() + rows, kNegInf);
+      std::fill(l.begin(), l.begin() + rows, 0.0f);
+      std::fill(acc.begin(), acc.begin() + rows * pb.D, 0.0f);
+
+      for (int64_t r = pb.block_ptr[qb]; r < pb.block_ptr[qb + 1]; ++r) {
+        const int64_t j0 = pb.ranges[2 * r], j1 = pb.ranges[2 * r + 1], kn = j1 - j0;
+        const int64_t base = ((b * pb.Hkv + hk) * pb.Lk + j0) * pb.D;
+        const float* kc = tile(k + base, kbuf, kn * pb.D);
+        const float* vc = tile(v + base, vbuf, kn * pb.D);
+        const int64_t* kp = pb.k_pos ? pb.k_pos + b * pb.Lk + j0 : nullptr;
+        gemm(false, true, rows, kn, pb.D, pb.scale, qt.data(), pb.D, kc, pb.D, 0.0f, s.data(), kn);
+        bool any = false;
+        for (int64_t row = 0; row < rows; ++row) {
+          const int64_t p = qp[row % n];
+          float* sr = s.data() + row * kn;
+          const RowMask rm = row_mask(pb, p, j0, j1);
+          if (pb.softcap > 0) apply_softcap(sr, nullptr, rm.lo, rm.hi, pb.softcap);
+          const float mx = row_max(sr, rm, kp, p, pb.window);
+          if (mx == kNegInf) {  // no visible key in this range
+            std::fill(sr, sr + kn, 0.0f);
+            continue;
+          }
+          const float m_new = std::max(m[row], mx);
+          const float sum = exp_row(sr, kn, rm, kp, p, pb.window, m_new);
+          if (m[row] != kNegInf && m[row] != m_new) {
+            const float corr = std::exp(m[row] - m_new);  // rescale what earlier ranges gave
+            l[row] *= corr;
+            float* ar = acc.data() + row * pb.D;
+            for (int64_t d = 0; d < pb.D; ++d) ar[d] *= corr;
+          }
+          l[row] += sum;
+          m[row] = m_new;
+          any = true;
+        }
+        if (any) gemm(false, false, rows, pb.D, kn, 1.0f, s.data(), kn, vc, pb.D, 1.0f, acc.data(), pb.D);
+      }
+
+      for (int64_t row = 0; row < rows; ++row) {
+        const int64_t g = row / n, i = row % n;
+        const int64_t h = hk * pb.G + g;
+        T* o = out + ((b * pb.H + h) * pb.Lq + i0 + i) * pb.D;
+        float* lr = lse + (b * pb.H + h) * pb.Lq + i0 + i;
+        if (l[row] > 0.0f) {
+          from_float(acc.data() + row * pb.D, o, pb.D, 1.0f / l[row]);
+          *lr = m[row] + std::log(l[row]);
+        } else {  // the query sees no key: zeros, never NaN
+          std::fill(o, o + pb.D, static_cast<T>(0.0f));
+          *lr = kNegInf;
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_kernel(const Problem& pb, int64_t n_segments, const T* q, const T* k, const T* v,
+                     const T* out, const T* dout, const float* lse, T* dq, T* dk, T* dv) {
+  const int64_t rows_max = pb.G * pb.block_q;
+  const int64_t items = pb.B * pb.Hkv * n_segments;
+  const int64_t per_seg = (pb.n_qblocks + n_segments - 1) / n_segments;
+  // Each work item owns fp32 dK/dV accumulators over the keys its queries visit; items of
+  // one kv head overlap only where their windows do, and are summed afterwards.
+  std::vector<std::vector<float>> acc_k(items), acc_v(items);
+  std::vector<int64_t> k_lo(items, 0), k_hi(items, 0);
+  const bool softcap = pb.softcap > 0;
+
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas blas;
+    std::vector<float> qt(rows_max * pb.D), dot(rows_max * pb.D), ot(rows_max * pb.D),
+        dqa(rows_max * pb.D), s(rows_max * pb.max_kn), dp(rows_max * pb.max_kn), t, delta(rows_max),
+        lr(rows_max), kbuf, vbuf;
+    std::vector<int64_t> qp(pb.block_q);
+    if (softcap) t.resize(rows_max * pb.max_kn);
+    if constexpr (!std::is_same_v<T, float>) {
+      kbuf.resize(pb.max_kn * pb.D);
+      vbuf.resize(pb.max_kn * pb.D);
+    }
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / (pb.Hkv * n_segments);
+      const int64_t hk = (item / n_segments) % pb.Hkv;
+      const int64_t seg = item % n_segments;
+      const int64_t qb_begin = seg * per_seg, qb_end = std::min(pb.n_qblocks, qb_begin + per_seg);
+      if (qb_begin >= qb_end) continue;
+      int64_t lo = pb.Lk, hi = 0;
+      for (int64_t r = pb.block_ptr[qb_begin]; r < pb.block_ptr[qb_end]; ++r) {
+        lo = std::min(lo, pb.ranges[2 * r]);
+        hi = std::max(hi, pb.ranges[2 * r + 1]);
+      }
+      if (lo >= hi) continue;
+      k_lo[item] = lo;
+      k_hi[item] = hi;
+      std::vector<float>& dka = acc_k[item];
+      std::vector<float>& dva = acc_v[item];
+      dka.assign((hi - lo) * pb.D, 0.0f);
+      dva.assign((hi - lo) * pb.D, 0.0f);
+
+      for (int64_t qb = qb_begin; qb < qb_end; ++qb) {
+        const int64_t i0 = qb * pb.block_q;
+        const int64_t n = std::min(pb.block_q, pb.Lq - i0);
+        const int64_t rows = pb.G * n;
+        for (int64_t i = 0; i < n; ++i) qp[i] = pb.q_position(b, i0 + i);
+        load_rows(q, pb, b, hk, i0, n, qt.data());
+        load_rows(dout, pb, b, hk, i0, n, dot.data());
+        load_rows(out, pb, b, hk, i0, n, ot.data());
+        for (int64_t row = 0; row < rows; ++row) {
+          const int64_t g = row / n, i = row % n;
+          lr[row] = lse[(b * pb.H + hk * pb.G + g) * pb.Lq + i0 + i];
+          float acc = 0.0f;
+          const float* a = dot.data() + row * pb.D;
+          const float* o = ot.data() + row * pb.D;
+          for (int64_t d = 0; d < pb.D; ++d) acc += a[d] * o[d];
+          delta[row] = acc;
+        }
+        std::fill(dqa.begin(), dqa.begin() + rows * pb.D, 0.0f);
+
+        for (int64_t r = pb.block_ptr[qb]; r < pb.block_ptr[qb + 1]; ++r) {
+          const int64_t j0 = pb.ranges[2 * r], j1 = pb.ranges[2 * r + 1], kn = j1 - j0;
+          const int64_t base = ((b * pb.Hkv + hk) * pb.Lk + j0) * pb.D;
+          const float* kc = tile(k + base, kbuf, kn * pb.D);
+          const float* vc = tile(v + base, vbuf, kn * pb.D);
+          const int64_t* kp = pb.k_pos ? pb.k_pos + b * pb.Lk + j0 : nullptr;
+          gemm(false, true, rows, kn, pb.D, pb.scale, qt.data(), pb.D, kc, pb.D, 0.0f, s.data(), kn);
+          for (int64_t row = 0; row < rows; ++row) {
+            const int64_t p = qp[row % n];
+            float* sr = s.data() + row * kn;
+            if (lr[row] == kNegInf) {  // the query sees no key at all
+              std::fill(sr, sr + kn, 0.0f);
+              continue;
+            }
+            const RowMask rm = row_mask(pb, p, j0, j1);
+            if (softcap) apply_softcap(sr, t.data() + row * kn, rm.lo, rm.hi, pb.softcap);
+            exp_row(sr, kn, rm, kp, p, pb.window, lr[row]);  // probabilities, from the saved lse
+          }
+          float* dvr = dva.data() + (j0 - lo) * pb.D;
+          float* dkr = dka.data() + (j0 - lo) * pb.D;
+          gemm(true, false, kn, pb.D, rows, 1.0f, s.data(), kn, dot.data(), pb.D, 1.0f, dvr, pb.D);
+          gemm(false, true, rows, kn, pb.D, 1.0f, dot.data(), pb.D, vc, pb.D, 0.0f, dp.data(), kn);
+          for (int64_t row = 0; row < rows; ++row) {
+            const float* pr = s.data() + row * kn;
+            float* dr = dp.data() + row * kn;
+            const float dl = delta[row];
+            if (softcap) {
+              const float* tr = t.data() + row * kn;
+              // d(cap * tanh(x / cap)) / dx = 1 - tanh^2; t is garbage where p == 0, harmlessly
+              for (int64_t j = 0; j < kn; ++j) dr[j] = pr[j] == 0.0f ? 0.0f : pr[j] * (dr[j] - dl) * (1.0f - tr[j] * tr[j]);
+            } else {
+              for (int64_t j = 0; j < kn; ++j) dr[j] = pr[j] * (dr[j] - dl);
+            }
+          }
+          gemm(false, false, rows, pb.D, kn, pb.scale, dp.data(), kn, kc, pb.D, 1.0f, dqa.data(), pb.D);
+          gemm(true, false, kn, pb.D, rows, pb.scale, dp.data(), kn, qt.data(), pb.D, 1.0f, dkr, pb.D);
+        }
+        for (int64_t row = 0; row < rows; ++row) {
+          const int64_t g = row / n, i = row % n;
+          T* dst = dq + ((b * pb.H + hk * pb.G + g) * pb.Lq + i0 + i) * pb.D;
+          from_float(dqa.data() + row * pb.D, dst, pb.D, 1.0f);
+        }
+      }
+    }
+  });
+
+  // Sum the work items' accumulators into dk/dv, one (batch row, kv head) per task.
+  at::parallel_for(0, pb.B * pb.Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> rk(pb.D), rv(pb.D);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      for (int64_t j = 0; j < pb.Lk; ++j) {
+        std::fill(rk.begin(), rk.end(), 0.0f);
+        std::fill(rv.begin(), rv.end(), 0.0f);
+        for (int64_t seg = 0; seg < n_segments; ++seg) {
+          const int64_t item = bh * n_segments + seg;
+          if (j < k_lo[item] || j >= k_hi[item]) continue;
+          const float* ak = acc_k[item].data() + (j - k_lo[item]) * pb.D;
+          const float* av = acc_v[item].data() + (j - k_lo[item]) * pb.D;
+          for (int64_t d = 0; d < pb.D; ++d) {
+            rk[d] += ak[d];
+            rv[d] += av[d];
+          }
+        }
+        from_float(rk.data(), dk + (bh * pb.Lk + j) * pb.D, pb.D, 1.0f);
+        from_float(rv.data(), dv + (bh * pb.Lk + j) * pb.D, pb.D, 1.0f);
+      }
+    }
+  });
+}
+
+Problem make_problem(const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& q_pos,
+                     const c10::optional<at::Tensor>& k_pos, int64_t window, double softcap, double scale,
+                     int64_t block_q, const at::Tensor& block_ptr, const at::Tensor& ranges) {
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous(), "swattn: q, k, v must be contiguous");
+  TORCH_CHECK(block_ptr.scalar_type() == at::kLong && ranges.scalar_type() == at::kLong,
+              "swattn: plan tensors must be int64");
+  Problem pb{};
+  pb.B = q.size(0);
+  pb.H = q.size(1);
+  pb.Lq = q.size(2);
+  pb.D = q.size(3);
+  pb.Hkv = k.size(1);
+  pb.Lk = k.size(2);
+  pb.G = pb.H / pb.Hkv;
+  pb.window = window;
+  pb.softcap = static_cast<float>(softcap);
+  pb.scale = static_cast<float>(scale);
+  pb.block_q = block_q;
+  pb.n_qblocks = block_ptr.size(0) - 1;
+  pb.q_pos = q_pos ? q_pos->data_ptr<int64_t>() : nullptr;
+  pb.k_pos = k_pos ? k_pos->data_ptr<int64_t>() : nullptr;
+  pb.block_ptr = block_ptr.data_ptr<int64_t>();
+  pb.ranges = ranges.data_ptr<int64_t>();
+  pb.max_kn = 1;
+  const int64_t n_ranges = ranges.size(0);
+  for (int64_t r = 0; r < n_ranges; ++r) pb.max_kn = std::max(pb.max_kn, pb.ranges[2 * r + 1] - pb.ranges[2 * r]);
+  return pb;
+}
+
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           const c10::optional<at::Tensor>& q_pos,
+                                           const c10::optional<at::Tensor>& k_pos, int64_t window,
+                                           double softcap, double scale, int64_t block_q,
+                                           const at::Tensor& block_ptr, const at::Tensor& ranges) {
+  const Problem pb = make_problem(q, k, q_pos, k_pos, window, softcap, scale, block_q, block_ptr, ranges);
+  auto out = at::empty_like(q);
+  auto lse = at::empty({pb.B, pb.H, pb.Lq}, q.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "swattn_forward", [&] {
+    forward_kernel<scalar_t>(pb, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                             out.data_ptr<scalar_t>(), lse.data_ptr<float>());
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& dout, const c10::optional<at::Tensor>& q_pos,
+    const c10::optional<at::Tensor>& k_pos, int64_t window, double softcap, double scale, int64_t block_q,
+    const at::Tensor& block_ptr, const at::Tensor& ranges, int64_t n_segments) {
+  const Problem pb = make_problem(q, k, q_pos, k_pos, window, softcap, scale, block_q, block_ptr, ranges);
+  TORCH_CHECK(out.is_contiguous() && dout.is_contiguous() && lse.is_contiguous(), "swattn: contiguous inputs");
+  auto dq = at::empty_like(q);
+  auto dk = at::empty_like(k);
+  auto dv = at::empty_like(v);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "swattn_backward", [&] {
+    backward_kernel<scalar_t>(pb, std::max<int64_t>(1, n_segments), q.data_ptr<scalar_t>(),
+                              k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                              dout.data_ptr<scalar_t>(), lse.data_ptr<float>(), dq.data_ptr<scalar_t>(),
+                              dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+}  // namespace swattn
+
+TORCH_LIBRARY(swattn, m) {
+  m.def("forward(Tensor q, Tensor k, Tensor v, Tensor? q_pos, Tensor? k_pos, int window, float softcap, "
+        "float scale, int block_q, Tensor block_ptr, Tensor ranges) -> (Tensor, Tensor)");
+  m.def("backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor dout, Tensor? q_pos, "
+        "Tensor? k_pos, int window, float softcap, float scale, int block_q, Tensor block_ptr, "
+        "Tensor ranges, int n_segments) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(swattn, CPU, m) {
+  m.impl("forward", &swattn::forward);
+  m.impl("backward", &swattn::backward);
+}
