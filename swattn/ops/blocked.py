@@ -14,6 +14,7 @@ from swattn.ops.plan import plan_blocks
 from swattn.ops.validate import Problem
 from swattn.window import default_positions, visible
 
+# Block sizes: module attributes, so tests can shrink them to exercise many blocks.
 BLOCK_Q = 256
 BLOCK_K = 1024
 
@@ -53,10 +54,7 @@ def _rows(x: torch.Tensor, p: Problem, start: int, stop: int, dtype: torch.dtype
     return xg.to(dtype).reshape(p.batch, p.heads_kv, p.groups * (stop - start), x.shape[3])
 
 
-def forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem,
-    block_q: int = BLOCK_Q, block_k: int = BLOCK_K,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
     """Gives ``(out, lse)``: out like q, lse ``(batch, heads, q_len)`` float32."""
     cdt = _compute_dtype(q.dtype)
     qp, kp = _positions(p, q.device)
@@ -64,7 +62,7 @@ def forward(
     lse = torch.full((p.batch, p.heads, p.q_len), float("-inf"), device=q.device, dtype=torch.float32)
     out_g = out.view(p.batch, p.heads_kv, p.groups, p.q_len, p.head_dim)
     lse_g = lse.view(p.batch, p.heads_kv, p.groups, p.q_len)
-    for blk in plan_blocks(p, block_q, block_k):
+    for blk in plan_blocks(p, BLOCK_Q, BLOCK_K):
         i0, i1 = blk.start, blk.stop
         if not blk.key_ranges:
             continue
@@ -93,7 +91,7 @@ def forward(
 
 def backward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    dout: torch.Tensor, p: Problem, block_q: int = BLOCK_Q, block_k: int = BLOCK_K,
+    dout: torch.Tensor, p: Problem,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gives ``(dq, dk, dv)`` by recomputing each score block from ``lse``."""
     cdt = _compute_dtype(q.dtype)
@@ -103,7 +101,7 @@ def backward(
     dv = torch.zeros(v.shape, device=v.device, dtype=cdt)
     dq_g = dq.view(p.batch, p.heads_kv, p.groups, p.q_len, p.head_dim)
     lse_g = lse.view(p.batch, p.heads_kv, p.groups, p.q_len)
-    for blk in plan_blocks(p, block_q, block_k):
+    for blk in plan_blocks(p, BLOCK_Q, BLOCK_K):
         i0, i1 = blk.start, blk.stop
         if not blk.key_ranges:
             continue

@@ -21,7 +21,8 @@ from swattn.ops.plan import plan_blocks
 from swattn.ops.validate import Problem
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-BLOCK_K = 512
+BLOCK_K = 512  # keys per score tile; a module attribute so tests can shrink it
+ROWS = 128  # matrix rows per work item (queries x grouped heads)
 _SOURCE = Path(__file__).parent / "csrc" / "swattn_cpu.cpp"
 _lock = threading.Lock()
 _state: dict[str, object] = {"loaded": False, "error": None}
@@ -87,8 +88,8 @@ def available() -> bool:
 
 
 def block_q_for(groups: int) -> int:
-    """Queries per block: about 128 matrix rows once the grouped heads are folded in."""
-    return max(16, 128 // groups)
+    """Queries per block: about ROWS matrix rows once the grouped heads are folded in."""
+    return max(1, ROWS // groups)
 
 
 def _plan_tensors(p: Problem, block_q: int) -> tuple[torch.Tensor, torch.Tensor]:

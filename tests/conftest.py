@@ -1,0 +1,71 @@
+"""Shared fixtures and the oracle comparison used by every op test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import swattn
+from swattn.ops import blocked, cpu
+
+BACKENDS = ["cpu", "blocked"]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Shrinks every backend's blocks so small inputs span many query and key blocks."""
+    monkeypatch.setattr(cpu, "ROWS", 16)
+    monkeypatch.setattr(cpu, "BLOCK_K", 16)
+    monkeypatch.setattr(blocked, "BLOCK_Q", 8)
+    monkeypatch.setattr(blocked, "BLOCK_K", 16)
+
+
+def make_qkv(batch, heads, heads_kv, q_len, k_len, head_dim, dtype=torch.float32, requires_grad=False):
+    q = torch.randn(batch, heads, q_len, head_dim, dtype=dtype)
+    k = torch.randn(batch, heads_kv, k_len, head_dim, dtype=dtype)
+    v = torch.randn(batch, heads_kv, k_len, head_dim, dtype=dtype)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def run_with_grads(fn, q, k, v, dout):
+    """Gives (out, dq, dk, dv) of fn on fresh leaf copies of q, k, v."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(dout.to(out.dtype))
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def tolerance(dtype: torch.dtype, low_precision_error: float, magnitude: float) -> float:
+    """How far a fast path may be from the float64 oracle.
+
+    float32: far below 1e-4 relative to the result's magnitude. bf16/fp16: at most twice the
+    error the same oracle makes when run in that precision (flash-attention's criterion),
+    plus one unit in the last place of the output.
+    """
+    if dtype == torch.float32:
+        return 2e-5 * max(1.0, magnitude)
+    ulp = torch.finfo(dtype).eps * max(1.0, magnitude)
+    return 2 * low_precision_error + ulp
+
+
+def assert_matches_oracle(got, ref64, ref_low=None):
+    """Compares tensors (out or grads) of a fast path with the float64 oracle's."""
+    for name, g, r, rl in zip(("out", "dq", "dk", "dv"), got, ref64, ref_low or [None] * 4):
+        assert g.dtype == got[0].dtype
+        assert not torch.isnan(g).any(), f"{name} has NaN"
+        err = (g.double() - r.double()).abs().max().item()
+        low_err = 0.0 if rl is None else (rl.double() - r.double()).abs().max().item()
+        tol = tolerance(g.dtype, low_err, r.abs().max().item())
+        assert err <= tol, f"{name}: max error {err:.3g} > tolerance {tol:.3g}"
+
+
+def oracle_with_grads(q, k, v, dout, compute_dtype=torch.float64, **kw):
+    fn = lambda q, k, v: swattn.reference_attention(q, k, v, compute_dtype=compute_dtype, **kw)  # noqa: E731
+    if compute_dtype == torch.float64:
+        q, k, v, dout = (t.double() for t in (q, k, v, dout))
+    return run_with_grads(fn, q, k, v, dout)

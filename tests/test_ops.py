@@ -1,0 +1,94 @@
+"""Every backend against the float64 oracle, forward and dq/dk/dv, over what breaks kernels."""
+
+import pytest
+import torch
+
+import swattn
+
+from conftest import BACKENDS, assert_matches_oracle, make_qkv, oracle_with_grads, run_with_grads
+
+
+def check(backend, batch, heads, heads_kv, q_len, k_len, head_dim, window, softcap=None,
+          dtype=torch.float32, scale=None):
+    q, k, v = make_qkv(batch, heads, heads_kv, q_len, k_len, head_dim, dtype)
+    dout = torch.randn(batch, heads, q_len, head_dim, dtype=dtype)
+    kw = dict(window=window, softcap=softcap, scale=scale)
+    got = run_with_grads(lambda q, k, v: swattn.sliding_window_attention(q, k, v, backend=backend, **kw),
+                         q, k, v, dout)
+    ref = oracle_with_grads(q, k, v, dout, **kw)
+    low = None if dtype == torch.float32 else oracle_with_grads(q, k, v, dout, compute_dtype=dtype, **kw)
+    assert_matches_oracle(got, ref, low)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("head_dim", [16, 33, 64, 128, 256])
+def test_head_dims(backend, head_dim, small_blocks):
+    check(backend, 1, 4, 2, 45, 45, head_dim, window=10, softcap=20.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("window", [1, 2, 7, 37, 50, 80, None])  # 50 = the length
+@pytest.mark.parametrize("heads,heads_kv", [(3, 3), (6, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_windows_heads_softcap(backend, window, heads, heads_kv, softcap, small_blocks):
+    check(backend, 2, heads, heads_kv, 50, 50, 24, window=window, softcap=softcap)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("q_len,k_len", [(1, 41), (5, 41), (17, 41), (41, 41)])
+@pytest.mark.parametrize("window", [6, None])
+def test_fewer_queries_than_keys(backend, q_len, k_len, window, small_blocks):
+    check(backend, 2, 4, 2, q_len, k_len, 32, window=window, softcap=30.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_low_precision(backend, dtype, softcap, small_blocks):
+    check(backend, 1, 4, 2, 61, 61, 64, window=13, softcap=softcap, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_default_blocks_longer_than_a_key_tile(backend):
+    # 700 keys > both backends' default key tile: exercises the running max across tiles
+    check(backend, 1, 2, 1, 700, 700, 64, window=None, softcap=None)
+    check(backend, 1, 8, 4, 333, 700, 128, window=600, softcap=50.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gemma_scale(backend, small_blocks):
+    # Gemma 2 passes query_pre_attn_scalar ** -0.5, not head_dim ** -0.5
+    check(backend, 1, 4, 2, 30, 30, 32, window=8, softcap=50.0, scale=256**-0.5)
+
+
+def test_large_scores_stay_finite():
+    q, k, v = make_qkv(1, 2, 1, 40, 40, 16)
+    out = swattn.sliding_window_attention(q * 300, k * 300, v, 9)
+    ref = swattn.reference_attention(q.double() * 300, k.double() * 300, v.double(), 9)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_picks_the_compiled_kernel_on_cpu(monkeypatch):
+    from swattn.ops import api, blocked, cpu
+
+    q = torch.randn(1, 1, 4, 8)
+    assert api._select_backend(None, q) is cpu
+    assert api._select_backend(None, q.double()) is blocked
+    monkeypatch.setenv("SWATTN_BACKEND", "blocked")
+    assert api._select_backend(None, q) is blocked
+
+
+def test_float64_runs_on_the_portable_path_and_passes_gradcheck(small_blocks):
+    q, k, v = (t.double().requires_grad_() for t in make_qkv(1, 2, 1, 9, 9, 4))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: swattn.sliding_window_attention(q, k, v, 3, softcap=2.0), (q, k, v)
+    )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_run_unchanged():
+    q, k, v = (t.cuda() for t in make_qkv(1, 4, 2, 300, 300, 64))
+    out = swattn.sliding_window_attention(q, k, v, 37, softcap=30.0)
+    ref = swattn.reference_attention(q, k, v, 37, softcap=30.0)
+    assert out.device == q.device
+    torch.testing.assert_close(out.double(), ref.double(), atol=1e-4, rtol=1e-4)
