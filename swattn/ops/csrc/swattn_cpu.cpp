@@ -457,7 +457,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& block_ptr, const at::Tensor& ranges, int64_t n_segments) {
   const Problem pb = make_problem(q, k, q_pos, k_pos, window, softcap, scale, block_q, block_ptr, ranges);
   TORCH_CHECK(out.is_contiguous() && dout.is_contiguous() && lse.is_contiguous(), "swattn: contiguous inputs");
-  auto dq = at::empty_like(q);
+  auto dq = at::zeros_like(q);  // a segment whose queries see no key writes nothing
   auto dk = at::empty_like(k);
   auto dv = at::empty_like(v);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "swattn_backward", [&] {
