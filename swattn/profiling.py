@@ -75,19 +75,23 @@ def peak_rss_bytes() -> int:
     return _status_kib("VmHWM") * 1024
 
 
-def measure(fn: Callable[[], object], repeat: int = 3, long_run_s: float = 60.0) -> tuple[float, int]:
+def measure(
+    fn: Callable[[], object], repeat: int = 3, warmup: bool = True, long_run_s: float = 60.0
+) -> tuple[float, int]:
     """Times ``fn`` and measures the peak growth of resident memory while it runs.
 
-    One untimed warm-up call first (kernel builds, library loading, compilation stay out of
-    both figures); a function whose warm-up took over ``long_run_s`` is timed once.
+    With ``warmup``, one untimed call first (kernel builds, library loading, compilation
+    stay out of both figures); a function whose warm-up took over ``long_run_s`` is then
+    timed once.
 
     Returns:
         (median seconds, peak bytes above the resident memory before the timed calls)
     """
-    start = time.perf_counter()
-    fn()
-    if time.perf_counter() - start > long_run_s:
-        repeat = 1
+    if warmup:
+        start = time.perf_counter()
+        fn()
+        if time.perf_counter() - start > long_run_s:
+            repeat = 1
     reset_peak_rss()
     baseline = rss_bytes()
     seconds = median_time(fn, repeat=repeat, warmup=0)
