@@ -196,6 +196,31 @@ inline void load_rows(const T* x, const Problem& pb, int64_t b, int64_t hk, int6
   }
 }
 
+// One key range of a work item: fp32 K and V tiles (kn x D), the keys' positions (or
+// nullptr), and the scaled scores S = scale * Q K^T of the item's rows, (rows x kn) in s.
+struct KeyTile {
+  int64_t j0, j1, kn;
+  const float* k;
+  const float* v;
+  const int64_t* k_pos;
+};
+
+template <typename T>
+inline KeyTile score_tile(const Problem& pb, const T* k, const T* v, int64_t b, int64_t hk, int64_t r,
+                          const float* qt, int64_t rows, std::vector<float>& kbuf, std::vector<float>& vbuf,
+                          float* s) {
+  KeyTile kt;
+  kt.j0 = pb.ranges[2 * r];
+  kt.j1 = pb.ranges[2 * r + 1];
+  kt.kn = kt.j1 - kt.j0;
+  const int64_t base = ((b * pb.Hkv + hk) * pb.Lk + kt.j0) * pb.D;
+  kt.k = tile(k + base, kbuf, kt.kn * pb.D);
+  kt.v = tile(v + base, vbuf, kt.kn * pb.D);
+  kt.k_pos = pb.k_pos ? pb.k_pos + b * pb.Lk + kt.j0 : nullptr;
+  gemm(false, true, rows, kt.kn, pb.D, pb.scale, qt, pb.D, kt.k, pb.D, 0.0f, s, kt.kn);
+  return kt;
+}
+
 // Keeps MKL to one thread inside our own parallel loop, restoring the caller's setting.
 struct SingleThreadedBlas {
   int previous = 0;
@@ -235,12 +260,9 @@ void forward_kernel(const Problem& pb, const T* q, const T* k, const T* v, T* ou
       std::fill(acc.begin(), acc.begin() + rows * pb.D, 0.0f);
 
       for (int64_t r = pb.block_ptr[qb]; r < pb.block_ptr[qb + 1]; ++r) {
-        const int64_t j0 = pb.ranges[2 * r], j1 = pb.ranges[2 * r + 1], kn = j1 - j0;
-        const int64_t base = ((b * pb.Hkv + hk) * pb.Lk + j0) * pb.D;
-        const float* kc = tile(k + base, kbuf, kn * pb.D);
-        const float* vc = tile(v + base, vbuf, kn * pb.D);
-        const int64_t* kp = pb.k_pos ? pb.k_pos + b * pb.Lk + j0 : nullptr;
-        gemm(false, true, rows, kn, pb.D, pb.scale, qt.data(), pb.D, kc, pb.D, 0.0f, s.data(), kn);
+        const KeyTile kt = score_tile(pb, k, v, b, hk, r, qt.data(), rows, kbuf, vbuf, s.data());
+        const int64_t j0 = kt.j0, j1 = kt.j1, kn = kt.kn;
+        const int64_t* kp = kt.k_pos;
         bool any = false;
         for (int64_t row = 0; row < rows; ++row) {
           const int64_t p = qp[row % n];
@@ -264,7 +286,7 @@ void forward_kernel(const Problem& pb, const T* q, const T* k, const T* v, T* ou
           m[row] = m_new;
           any = true;
         }
-        if (any) gemm(false, false, rows, pb.D, kn, 1.0f, s.data(), kn, vc, pb.D, 1.0f, acc.data(), pb.D);
+        if (any) gemm(false, false, rows, pb.D, kn, 1.0f, s.data(), kn, kt.v, pb.D, 1.0f, acc.data(), pb.D);
       }
 
       for (int64_t row = 0; row < rows; ++row) {
@@ -346,12 +368,9 @@ void backward_kernel(const Problem& pb, int64_t n_segments, const T* q, const T*
         std::fill(dqa.begin(), dqa.begin() + rows * pb.D, 0.0f);
 
         for (int64_t r = pb.block_ptr[qb]; r < pb.block_ptr[qb + 1]; ++r) {
-          const int64_t j0 = pb.ranges[2 * r], j1 = pb.ranges[2 * r + 1], kn = j1 - j0;
-          const int64_t base = ((b * pb.Hkv + hk) * pb.Lk + j0) * pb.D;
-          const float* kc = tile(k + base, kbuf, kn * pb.D);
-          const float* vc = tile(v + base, vbuf, kn * pb.D);
-          const int64_t* kp = pb.k_pos ? pb.k_pos + b * pb.Lk + j0 : nullptr;
-          gemm(false, true, rows, kn, pb.D, pb.scale, qt.data(), pb.D, kc, pb.D, 0.0f, s.data(), kn);
+          const KeyTile kt = score_tile(pb, k, v, b, hk, r, qt.data(), rows, kbuf, vbuf, s.data());
+          const int64_t j0 = kt.j0, j1 = kt.j1, kn = kt.kn;
+          const int64_t* kp = kt.k_pos;
           for (int64_t row = 0; row < rows; ++row) {
             const int64_t p = qp[row % n];
             float* sr = s.data() + row * kn;
@@ -366,7 +385,7 @@ void backward_kernel(const Problem& pb, int64_t n_segments, const T* q, const T*
           float* dvr = dva.data() + (j0 - lo) * pb.D;
           float* dkr = dka.data() + (j0 - lo) * pb.D;
           gemm(true, false, kn, pb.D, rows, 1.0f, s.data(), kn, dot.data(), pb.D, 1.0f, dvr, pb.D);
-          gemm(false, true, rows, kn, pb.D, 1.0f, dot.data(), pb.D, vc, pb.D, 0.0f, dp.data(), kn);
+          gemm(false, true, rows, kn, pb.D, 1.0f, dot.data(), pb.D, kt.v, pb.D, 0.0f, dp.data(), kn);
           for (int64_t row = 0; row < rows; ++row) {
             const float* pr = s.data() + row * kn;
             float* dr = dp.data() + row * kn;
@@ -379,7 +398,7 @@ void backward_kernel(const Problem& pb, int64_t n_segments, const T* q, const T*
               for (int64_t j = 0; j < kn; ++j) dr[j] = pr[j] * (dr[j] - dl);
             }
           }
-          gemm(false, false, rows, pb.D, kn, pb.scale, dp.data(), kn, kc, pb.D, 1.0f, dqa.data(), pb.D);
+          gemm(false, false, rows, pb.D, kn, pb.scale, dp.data(), kn, kt.k, pb.D, 1.0f, dqa.data(), pb.D);
           gemm(true, false, kn, pb.D, rows, pb.scale, dp.data(), kn, qt.data(), pb.D, 1.0f, dkr, pb.D);
         }
         for (int64_t row = 0; row < rows; ++row) {
