@@ -1,0 +1,329 @@
+"""KV caches for sliding-window inference: a ring per local layer, a full cache per global one.
+
+A local layer's :class:`RingCache` keeps exactly ``window`` slots per row: the token at
+position ``p`` lives in slot ``p % window``, written in place, and every slot remembers its
+absolute position. Attention masks by position (the op's ``k_pos``), so the ring is never
+rotated, rolled or copied: memory is fixed at ``window`` tokens however long the text, and
+a decode step writes one slot. A global layer's :class:`FullCache` keeps every token, at
+index = position, in a buffer preallocated to a capacity or grown by doubling.
+
+Each cache's ``attend`` stores the new keys and values and runs attention over what the
+layer may see, for a chunk of any size: a single token per row (decode), a chunk smaller
+than, equal to or larger than the window (chunked prefill). Rows of a batch carry their
+own positions (``-1`` = padding, not stored), so left-padded prompts and rows that stop
+early just work. ``save``/``restore`` copy a cache's state, for prefix reuse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from swattn.ops.api import sliding_window_attention
+from swattn.ops.validate import check_window
+
+INITIAL_CAPACITY = 256  # a growable FullCache starts here and doubles
+
+
+@dataclass(frozen=True)
+class CacheState:
+    """A saved copy of one layer cache (see ``save``/``restore``)."""
+
+    kind: str
+    tensors: tuple[torch.Tensor, ...]
+
+
+class _LayerCache:
+    """What both caches share: buffers, checks, positions bookkeeping, attention."""
+
+    window: int | None
+    k: torch.Tensor  # (batch, heads_kv, slots, head_dim)
+    v: torch.Tensor
+    slot_pos: torch.Tensor  # (batch, slots) int64: position held by each slot, -1 = empty
+    last_pos: torch.Tensor  # (batch,) int64: last position stored per row, -1 = none
+
+    def _init_buffers(self, batch: int, heads_kv: int, head_dim: int, slots: int, dtype, device) -> None:
+        for name, value in (("batch", batch), ("heads_kv", heads_kv), ("head_dim", head_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self.k = torch.zeros(batch, heads_kv, slots, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.slot_pos = torch.full((batch, slots), -1, dtype=torch.int64, device=device)
+        self.last_pos = torch.full((batch,), -1, dtype=torch.int64, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cache's buffers."""
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.slot_pos, self.last_pos))
+
+    @property
+    def seq_len(self) -> torch.Tensor:
+        """Tokens seen per row, ``(batch,)``: the last stored position + 1 (0 when empty)."""
+        return self.last_pos + 1
+
+    def _check(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Checks a chunk against the cache; gives its positions as (batch, chunk) int64."""
+        batch, heads_kv, _, head_dim = self.k.shape
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                raise ValueError(f"{name} must be a (batch, heads_kv, chunk, head_dim) tensor")
+            if t.shape[0] != batch or t.shape[1] != heads_kv or t.shape[3] != head_dim:
+                raise ValueError(
+                    f"{name} has shape {tuple(t.shape)} but this cache holds batch {batch}, heads_kv {heads_kv}, "
+                    f"head_dim {head_dim}"
+                )
+            if t.dtype != self.k.dtype or t.device != self.k.device:
+                raise TypeError(f"{name} is {t.dtype} on {t.device}; the cache is {self.k.dtype} on {self.k.device}")
+        if k.shape != v.shape:
+            raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        chunk = k.shape[2]
+        if not isinstance(pos, torch.Tensor) or pos.dtype not in (torch.int64, torch.int32):
+            raise TypeError("pos must be an int64 or int32 tensor of positions, (batch, chunk) or (chunk,)")
+        if pos.dim() == 1:
+            pos = pos.unsqueeze(0).expand(batch, -1)
+        if pos.shape != (batch, chunk):
+            raise ValueError(f"pos must have shape ({batch}, {chunk}) or ({chunk},), got {tuple(pos.shape)}")
+        pos = pos.to(device=self.k.device, dtype=torch.int64)
+        # Positions of a row must increase, within the chunk and after what is stored.
+        valid = pos >= 0
+        stamped = torch.where(valid, pos, torch.full_like(pos, -1))
+        before = torch.cat([self.last_pos.unsqueeze(1), stamped[:, :-1]], dim=1).cummax(dim=1).values
+        bad = valid & (pos <= before)
+        if bad.any():
+            b, t = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"positions must increase: row {b} got position {int(pos[b, t])} after position {int(before[b, t])}"
+            )
+        return pos
+
+    def _store(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor, slots: torch.Tensor) -> None:
+        """Writes the kept tokens of a chunk into their slots (distinct per row by construction)."""
+        b_idx, t_idx = keep.nonzero(as_tuple=True)
+        slot = slots[b_idx, t_idx]
+        self.k[b_idx, :, slot] = k[b_idx, :, t_idx]
+        self.v[b_idx, :, slot] = v[b_idx, :, t_idx]
+        self.slot_pos[b_idx, slot] = pos[b_idx, t_idx]
+        self.last_pos = torch.maximum(self.last_pos, pos.amax(dim=1))
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
+        """Stores a chunk; gives ``(keys, values, key_positions)`` that the chunk attends over."""
+        raise NotImplementedError
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, *,
+        softcap: float | None = None, scale: float | None = None,
+    ) -> torch.Tensor:
+        """Stores a chunk's keys and values, then gives its attention output.
+
+        Args:
+            q: ``(batch, heads, chunk, head_dim)``; k, v: ``(batch, heads_kv, chunk, head_dim)``.
+            pos: positions of the chunk's tokens, ``(batch, chunk)`` or ``(chunk,)``; -1 = padding.
+            softcap, scale: as for :func:`swattn.sliding_window_attention`.
+
+        Returns:
+            ``(batch, heads, chunk, head_dim)``; padding tokens get zeros.
+        """
+        keys, values, key_pos = self.update(k, v, pos)
+        q_pos = pos if pos.dim() == 2 else pos.unsqueeze(0).expand(q.shape[0], -1)
+        return sliding_window_attention(
+            q, keys, values, self.window, softcap=softcap, scale=scale, q_pos=q_pos.to(key_pos.device), k_pos=key_pos
+        )
+
+    def save(self) -> CacheState:
+        """Gives a copy of the cache's state (cheap for a ring: window tokens)."""
+        return CacheState(type(self).__name__, tuple(t.clone() for t in (self.k, self.v, self.slot_pos, self.last_pos)))
+
+    def restore(self, state: CacheState) -> None:
+        """Puts the cache back to a saved state of the same kind and shape."""
+        if not isinstance(state, CacheState) or state.kind != type(self).__name__:
+            raise ValueError(f"cannot restore a {getattr(state, 'kind', type(state).__name__)} state into a {type(self).__name__}")
+        k, v, slot_pos, last_pos = state.tensors
+        if k.shape[:2] != self.k.shape[:2] or k.shape[3] != self.k.shape[3] or k.dtype != self.k.dtype:
+            raise ValueError(f"cannot restore a state of shape {tuple(k.shape)} into a cache of shape {tuple(self.k.shape)}")
+        if isinstance(self, RingCache) and k.shape[2] != self.k.shape[2]:
+            raise ValueError(f"cannot restore a ring of {k.shape[2]} slots into a ring of {self.k.shape[2]}")
+        self._restore_buffers(k, v, slot_pos, last_pos)
+
+    def _restore_buffers(self, k, v, slot_pos, last_pos) -> None:
+        self.k.copy_(k)
+        self.v.copy_(v)
+        self.slot_pos.copy_(slot_pos)
+        self.last_pos.copy_(last_pos)
+
+
+class RingCache(_LayerCache):
+    """Keys and values of one local layer: ``window`` slots per row, position p in slot p % window.
+
+    Args:
+        batch, heads_kv, head_dim: the layer's key/value shape.
+        window: the layer's window (keys a query sees, itself included).
+        dtype, device: of the stored keys and values.
+    """
+
+    def __init__(self, batch: int, heads_kv: int, head_dim: int, window: int, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        window = check_window(window)
+        if window is None:
+            raise ValueError("a RingCache needs a window; use FullCache for a global layer")
+        self.window = window
+        self._init_buffers(batch, heads_kv, head_dim, window, dtype, device)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
+        """Stores a chunk; gives what it attends over: ``(keys, values, key_positions)``.
+
+        One token per row: written in place first (its slot held position p - window, which
+        it cannot see anyway), then the ring itself is returned: no copy. A longer chunk
+        attends over the ring's old contents plus its own keys (its first queries need keys
+        that its last tokens will overwrite), then only its last ``window`` tokens are kept.
+        """
+        pos = self._check(k, v, pos)
+        if k.shape[2] == 1:
+            self._store_one(k, v, pos[:, 0])
+            return self.k, self.v, self.slot_pos
+        keys = torch.cat([self.k, k], dim=2)
+        values = torch.cat([self.v, v], dim=2)
+        key_pos = torch.cat([self.slot_pos, pos], dim=1)
+        keep = (pos >= 0) & (pos > pos.amax(dim=1, keepdim=True) - self.window)
+        self._store(k, v, pos, keep, pos % self.window)
+        return keys, values, key_pos
+
+    def _store_one(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        """The decode step: one scatter per buffer, no host synchronisation, padding rows kept as they were."""
+        batch, heads_kv, _, head_dim = self.k.shape
+        valid = pos >= 0
+        slot = (pos.clamp_min(0) % self.window).view(batch, 1)
+        idx = slot.view(batch, 1, 1, 1).expand(batch, heads_kv, 1, head_dim)
+        keep_old = ~valid.view(batch, 1, 1, 1)
+        self.k.scatter_(2, idx, torch.where(keep_old, self.k.gather(2, idx), k))
+        self.v.scatter_(2, idx, torch.where(keep_old, self.v.gather(2, idx), v))
+        self.slot_pos.scatter_(1, slot, torch.where(valid.view(batch, 1), pos.view(batch, 1), self.slot_pos.gather(1, slot)))
+        self.last_pos = torch.where(valid, pos, self.last_pos)
+
+
+class FullCache(_LayerCache):
+    """Keys and values of one global layer: the token at position p at index p.
+
+    Args:
+        batch, heads_kv, head_dim: the layer's key/value shape.
+        capacity: positions to preallocate (static shapes for fast decode); going past it is
+            an error. None: start small and grow by doubling.
+        dtype, device: of the stored keys and values.
+    """
+
+    window = None
+
+    def __init__(self, batch: int, heads_kv: int, head_dim: int, capacity: int | None = None, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
+            raise ValueError(f"capacity must be an int >= 1 or None, got {capacity!r}")
+        self.capacity = capacity
+        self._init_buffers(batch, heads_kv, head_dim, capacity or INITIAL_CAPACITY, dtype, device)
+        self._used = 0  # 1 + the largest position stored in any row
+
+    def _reserve(self, needed: int) -> None:
+        slots = self.k.shape[2]
+        if needed <= slots:
+            return
+        if self.capacity is not None:
+            raise ValueError(
+                f"FullCache capacity exceeded: position {needed - 1} does not fit in capacity {self.capacity}; "
+                "create the cache with a larger capacity (or capacity=None to grow)"
+            )
+        while slots < needed:
+            slots *= 2
+        grown = [torch.cat([t, t.new_full((*t.shape[:2], slots - t.shape[2], *t.shape[3:]), fill)], dim=2)
+                 for t, fill in ((self.k, 0), (self.v, 0))]
+        self.k, self.v = grown
+        pad = self.slot_pos.new_full((self.slot_pos.shape[0], slots - self.slot_pos.shape[1]), -1)
+        self.slot_pos = torch.cat([self.slot_pos, pad], dim=1)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
+        """Stores a chunk at index = position; gives the stored keys so far (the chunk's included)."""
+        pos = self._check(k, v, pos)
+        needed = int(pos.max()) + 1  # one host sync: the capacity check needs the value
+        self._reserve(needed)
+        self._store(k, v, pos, pos >= 0, pos.clamp_min(0))
+        self._used = max(self._used, needed)
+        return self.k[:, :, : self._used], self.v[:, :, : self._used], self.slot_pos[:, : self._used]
+
+    def _restore_buffers(self, k, v, slot_pos, last_pos) -> None:
+        if k.shape[2] > self.k.shape[2]:
+            self._reserve(k.shape[2])
+        n = k.shape[2]
+        self.k[:, :, :n].copy_(k)
+        self.v[:, :, :n].copy_(v)
+        self.slot_pos[:, :n].copy_(slot_pos)
+        self.k[:, :, n:].zero_()
+        self.v[:, :, n:].zero_()
+        self.slot_pos[:, n:] = -1
+        self.last_pos.copy_(last_pos)
+        self._used = int(last_pos.max()) + 1
+
+    def save(self) -> CacheState:
+        """Gives a copy of the stored part of the cache."""
+        n = self._used
+        return CacheState("FullCache", (self.k[:, :, :n].clone(), self.v[:, :, :n].clone(),
+                                        self.slot_pos[:, :n].clone(), self.last_pos.clone()))
+
+
+def layer_windows(pattern: str, n_layers: int, window: int | None) -> list[int | None]:
+    """Per-layer windows (None = global) of the model families swattn knows.
+
+    ``gemma2``: local and global alternate, starting local. ``gemma3``: five local, then one
+    global. ``mistral``: every layer local (global if ``window`` is None).
+    """
+    if pattern == "gemma2":
+        return [window if i % 2 == 0 else None for i in range(n_layers)]
+    if pattern == "gemma3":
+        return [None if (i + 1) % 6 == 0 else window for i in range(n_layers)]
+    if pattern == "mistral":
+        return [window] * n_layers
+    raise ValueError(f"unknown layer pattern {pattern!r}; known: gemma2, gemma3, mistral")
+
+
+class ModelCache:
+    """One cache per layer, the kind each layer's attention type asks for.
+
+    Args:
+        windows: per layer, its window (a :class:`RingCache`) or None (a :class:`FullCache`).
+        batch, heads_kv, head_dim, dtype, device: as for the layer caches.
+        capacity: for the global layers (None: grow by doubling).
+    """
+
+    def __init__(self, windows: Sequence[int | None], batch: int, heads_kv: int, head_dim: int, *,
+                 capacity: int | None = None, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
+        self.layers: list[_LayerCache] = [
+            RingCache(batch, heads_kv, head_dim, w, dtype=dtype, device=device) if w is not None
+            else FullCache(batch, heads_kv, head_dim, capacity, dtype=dtype, device=device)
+            for w in windows
+        ]
+
+    def __getitem__(self, i: int) -> _LayerCache:
+        return self.layers[i]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all layers' buffers."""
+        return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def seq_len(self) -> torch.Tensor:
+        """Tokens seen per row, ``(batch,)``, read from the first layer (all layers see the same tokens)."""
+        return self.layers[0].seq_len
+
+    def save(self) -> tuple[CacheState, ...]:
+        """Gives a copy of every layer's state, for prefix reuse."""
+        return tuple(layer.save() for layer in self.layers)
+
+    def restore(self, state: Sequence[CacheState]) -> None:
+        """Puts every layer back to a saved state of the same model shape."""
+        if len(state) != len(self.layers):
+            raise ValueError(f"cannot restore a state of {len(state)} layers into a cache of {len(self.layers)}")
+        for layer, s in zip(self.layers, state):
+            layer.restore(s)
