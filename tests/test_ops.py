@@ -92,3 +92,14 @@ def test_cuda_tensors_run_unchanged():
     ref = swattn.reference_attention(q, k, v, 37, softcap=30.0)
     assert out.device == q.device
     torch.testing.assert_close(out.double(), ref.double(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_keys_that_are_a_prefix_of_a_larger_buffer(backend, small_blocks):
+    # a cache hands over k[:, :, :used] of a preallocated buffer: strided across heads
+    q, k_buf, v_buf = make_qkv(2, 4, 2, 9, 64, 16)
+    k, v = k_buf[:, :, :40], v_buf[:, :, :40]
+    assert not k.is_contiguous()
+    dout = torch.randn_like(q)
+    got = run_with_grads(lambda q, k, v: swattn.sliding_window_attention(q, k, v, 11, backend=backend), q, k, v, dout)
+    assert_matches_oracle(got, oracle_with_grads(q, k, v, dout, window=11))

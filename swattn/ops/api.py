@@ -29,6 +29,14 @@ def _select_backend(name: str | None, q: torch.Tensor) -> ModuleType:
     return cpu if usable and cpu.available() else blocked
 
 
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """Gives t, or a contiguous copy unless each (batch, head) slice is already contiguous."""
+    seq, dim = t.shape[-2], t.shape[-1]
+    if (dim == 1 or t.stride(-1) == 1) and (seq == 1 or t.stride(-2) == dim):
+        return t
+    return t.contiguous()
+
+
 class _SlidingWindowAttention(torch.autograd.Function):
     """Autograd wrapper: saves only q, k, v, the output and the per-row log-sum-exp."""
 
@@ -108,7 +116,8 @@ def sliding_window_attention(
     """
     problem = check_problem(q, k, v, window, softcap, scale, q_pos, k_pos)
     impl = _select_backend(backend, q)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    # K/V may be a prefix of a larger buffer (a cache): copy only if a head's rows are not contiguous
+    q, k, v = q.contiguous(), _rows_contiguous(k), _rows_contiguous(v)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         out, lse = _SlidingWindowAttention.apply(q, k, v, problem, impl)
     else:

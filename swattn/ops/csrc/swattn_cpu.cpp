@@ -45,6 +45,36 @@ inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
   sgemm_(&cb, &ca, &N, &M, &K, &alpha, b, &LDB, a, &LDA, &beta, c, &LDC);
 }
 
+// With few rows (decoding: one query per head) a BLAS call packs more than it computes;
+// these stream each key and value row once instead. s = scale * Q K^T, (rows x kn).
+constexpr int64_t kSmallRows = 8;
+
+inline void small_scores(int64_t rows, int64_t kn, int64_t d, float scale, const float* q, const float* k,
+                         float* s) {
+  for (int64_t j = 0; j < kn; ++j) {
+    const float* kj = k + j * d;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* qr = q + r * d;
+      float acc = 0.0f;
+      for (int64_t e = 0; e < d; ++e) acc += qr[e] * kj[e];
+      s[r * kn + j] = scale * acc;
+    }
+  }
+}
+
+// acc += P V for few rows: acc (rows x d), p (rows x kn), v (kn x d).
+inline void small_pv(int64_t rows, int64_t kn, int64_t d, const float* p, const float* v, float* acc) {
+  for (int64_t j = 0; j < kn; ++j) {
+    const float* vj = v + j * d;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float w = p[r * kn + j];
+      if (w == 0.0f) continue;  // masked keys
+      float* ar = acc + r * d;
+      for (int64_t e = 0; e < d; ++e) ar[e] += w * vj[e];
+    }
+  }
+}
+
 // exp(x) as 2^n * e^r with a degree-6 polynomial (Cephes' expf): about 1 ulp, and written so
 // that the compiler vectorises the loops that call it (libm's expf would not be).
 inline float fast_exp(float x) {
@@ -99,6 +129,9 @@ struct Problem {
   float softcap;   // <= 0: none
   float scale;
   int64_t block_q, n_qblocks, max_kn;
+  // K/V element strides of batch and head: a cache may hand over a prefix of a larger
+  // buffer; within a head the keys are contiguous rows of D.
+  int64_t k_sb, k_sh, v_sb, v_sh;
   const int64_t* q_pos;  // (B, Lq) or nullptr: queries are the last Lq of the keys
   const int64_t* k_pos;  // (B, Lk) or nullptr
   const int64_t* block_ptr;  // (n_qblocks + 1): CSR index into ranges
@@ -213,11 +246,14 @@ inline KeyTile score_tile(const Problem& pb, const T* k, const T* v, int64_t b, 
   kt.j0 = pb.ranges[2 * r];
   kt.j1 = pb.ranges[2 * r + 1];
   kt.kn = kt.j1 - kt.j0;
-  const int64_t base = ((b * pb.Hkv + hk) * pb.Lk + kt.j0) * pb.D;
-  kt.k = tile(k + base, kbuf, kt.kn * pb.D);
-  kt.v = tile(v + base, vbuf, kt.kn * pb.D);
+  kt.k = tile(k + b * pb.k_sb + hk * pb.k_sh + kt.j0 * pb.D, kbuf, kt.kn * pb.D);
+  kt.v = tile(v + b * pb.v_sb + hk * pb.v_sh + kt.j0 * pb.D, vbuf, kt.kn * pb.D);
   kt.k_pos = pb.k_pos ? pb.k_pos + b * pb.Lk + kt.j0 : nullptr;
-  gemm(false, true, rows, kt.kn, pb.D, pb.scale, qt, pb.D, kt.k, pb.D, 0.0f, s, kt.kn);
+  if (rows <= kSmallRows) {
+    small_scores(rows, kt.kn, pb.D, pb.scale, qt, kt.k, s);
+  } else {
+    gemm(false, true, rows, kt.kn, pb.D, pb.scale, qt, pb.D, kt.k, pb.D, 0.0f, s, kt.kn);
+  }
   return kt;
 }
 
@@ -286,7 +322,12 @@ void forward_kernel(const Problem& pb, const T* q, const T* k, const T* v, T* ou
           m[row] = m_new;
           any = true;
         }
-        if (any) gemm(false, false, rows, pb.D, kn, 1.0f, s.data(), kn, kt.v, pb.D, 1.0f, acc.data(), pb.D);
+        if (!any) continue;
+        if (rows <= kSmallRows) {
+          small_pv(rows, kn, pb.D, s.data(), kt.v, acc.data());
+        } else {
+          gemm(false, false, rows, pb.D, kn, 1.0f, s.data(), kn, kt.v, pb.D, 1.0f, acc.data(), pb.D);
+        }
       }
 
       for (int64_t row = 0; row < rows; ++row) {
@@ -434,10 +475,16 @@ void backward_kernel(const Problem& pb, int64_t n_segments, const T* q, const T*
   });
 }
 
-Problem make_problem(const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& q_pos,
+bool rows_contiguous(const at::Tensor& t) {
+  return (t.size(3) == 1 || t.stride(3) == 1) && (t.size(2) == 1 || t.stride(2) == t.size(3));
+}
+
+Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const c10::optional<at::Tensor>& q_pos,
                      const c10::optional<at::Tensor>& k_pos, int64_t window, double softcap, double scale,
                      int64_t block_q, const at::Tensor& block_ptr, const at::Tensor& ranges) {
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous(), "swattn: q, k, v must be contiguous");
+  TORCH_CHECK(q.is_contiguous() && rows_contiguous(k) && rows_contiguous(v),
+              "swattn: q must be contiguous, k and v contiguous within each head");
   TORCH_CHECK(block_ptr.scalar_type() == at::kLong && ranges.scalar_type() == at::kLong,
               "swattn: plan tensors must be int64");
   Problem pb{};
@@ -448,6 +495,10 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const c10::option
   pb.Hkv = k.size(1);
   pb.Lk = k.size(2);
   pb.G = pb.H / pb.Hkv;
+  pb.k_sb = k.stride(0);
+  pb.k_sh = k.stride(1);
+  pb.v_sb = v.stride(0);
+  pb.v_sh = v.stride(1);
   pb.window = window;
   pb.softcap = static_cast<float>(softcap);
   pb.scale = static_cast<float>(scale);
@@ -468,7 +519,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
                                            const c10::optional<at::Tensor>& k_pos, int64_t window,
                                            double softcap, double scale, int64_t block_q,
                                            const at::Tensor& block_ptr, const at::Tensor& ranges) {
-  const Problem pb = make_problem(q, k, q_pos, k_pos, window, softcap, scale, block_q, block_ptr, ranges);
+  const Problem pb = make_problem(q, k, v, q_pos, k_pos, window, softcap, scale, block_q, block_ptr, ranges);
   auto out = at::empty_like(q);
   auto lse = at::empty({pb.B, pb.H, pb.Lq}, q.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "swattn_forward", [&] {
@@ -483,11 +534,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& lse, const at::Tensor& dout, const c10::optional<at::Tensor>& q_pos,
     const c10::optional<at::Tensor>& k_pos, int64_t window, double softcap, double scale, int64_t block_q,
     const at::Tensor& block_ptr, const at::Tensor& ranges, int64_t n_segments) {
-  const Problem pb = make_problem(q, k, q_pos, k_pos, window, softcap, scale, block_q, block_ptr, ranges);
+  const Problem pb = make_problem(q, k, v, q_pos, k_pos, window, softcap, scale, block_q, block_ptr, ranges);
   TORCH_CHECK(out.is_contiguous() && dout.is_contiguous() && lse.is_contiguous(), "swattn: contiguous inputs");
   auto dq = at::zeros_like(q);  // a segment whose queries see no key writes nothing
-  auto dk = at::empty_like(k);
-  auto dv = at::empty_like(v);
+  auto dk = at::empty(k.sizes(), k.options());  // contiguous, whatever k's strides
+  auto dv = at::empty(v.sizes(), v.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "swattn_backward", [&] {
     backward_kernel<scalar_t>(pb, std::max<int64_t>(1, n_segments), q.data_ptr<scalar_t>(),
                               k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
