@@ -49,13 +49,13 @@ def _decode_ms(step, steps: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def _swattn_step(cache, context: int, gen: torch.Generator):
+def _swattn_step(cache, context: int, steps: int, gen: torch.Generator):
     q = torch.randn(1, HEADS, 1, HEAD_DIM, generator=gen)
     kv = torch.randn(1, HEADS_KV, 1, HEAD_DIM, generator=gen)
-    positions = [torch.tensor([context + i]) for i in range(64)]  # made before timing
+    positions = [torch.tensor([context + i]) for i in range(steps + 1)]  # made before timing
 
     def step(i: int):
-        return cache.attend(q, kv, kv, positions[i % 64], softcap=SOFTCAP, scale=SCALE)
+        return cache.attend(q, kv, kv, positions[i], softcap=SOFTCAP, scale=SCALE)
 
     return step
 
@@ -107,31 +107,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="contexts up to 16k, 20,000 decode steps")
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768, 131072])
     parser.add_argument("--window", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=50, help="decode steps timed per context (median)")
+    parser.add_argument("--steps", type=int, default=100, help="decode steps timed per context (median)")
     parser.add_argument("--million", type=int, default=1_000_000, help="decode steps for the memory check")
     args = parser.parse_args(argv)
     if args.quick:
-        args.contexts, args.million, args.steps = [1024, 8192, 16384], 20_000, 30
+        args.contexts, args.million, args.steps = [1024, 8192, 16384], 20_000, 40
     gen = torch.Generator().manual_seed(0)
     print(f"# one attention layer, {HEADS}/{HEADS_KV} heads (q/kv), head_dim {HEAD_DIM}, fp32, soft-cap, "
           f"window {args.window}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"# decode = per-token median over {args.steps} steps (cache write + attention); memory = cache bytes")
+    print(f"# decode = per-token median over {args.steps} steps (cache write + attention; local layers timed "
+          f"round-robin across contexts); memory = cache bytes")
     header = (f"{'context':>8} | {'local (ring)':>12} {'memory':>9} | {'global (full)':>13} {'memory':>9} | "
               f"{'transformers sliding':>20} {'memory':>9}")
     print(header)
     print("-" * len(header))
-    local_ms = {}
-    for context in args.contexts:
-        ring = RingCache(1, HEADS_KV, HEAD_DIM, args.window)
-        full = FullCache(1, HEADS_KV, HEAD_DIM)  # grows by doubling, as without a known capacity
+    # Local layers first, all contexts interleaved round by round, so that machine drift
+    # falls on every context alike (the work per token is the same: the ring is full).
+    rings = {c: RingCache(1, HEADS_KV, HEAD_DIM, args.window) for c in args.contexts}
+    steps = {}
+    for context, ring in rings.items():
         _fill(ring, context, gen)
+        steps[context] = _swattn_step(ring, context, args.steps, gen)
+        steps[context](0)  # warm-up
+    samples = {c: [] for c in args.contexts}
+    for rnd in range(args.steps):
+        for context in args.contexts:
+            start = time.perf_counter()
+            steps[context](1 + rnd)
+            samples[context].append(time.perf_counter() - start)
+    local_ms = {c: 1e3 * statistics.median(samples[c]) for c in args.contexts}
+    for context in args.contexts:
+        full = FullCache(1, HEADS_KV, HEAD_DIM)  # grows by doubling, as without a known capacity
         _fill(full, context, gen)
-        local_ms[context] = _decode_ms(_swattn_step(ring, context, gen), args.steps)
-        global_ms = _decode_ms(_swattn_step(full, context, gen), args.steps)
+        global_ms = _decode_ms(_swattn_step(full, context, args.steps, gen), args.steps)
         hf_ms, hf_mem = _transformers_row(args.window, context, args.steps, gen)
-        print(f"{context:>8} | {local_ms[context]:9.2f} ms {fmt_bytes(ring.nbytes):>9} | {global_ms:10.2f} ms "
+        print(f"{context:>8} | {local_ms[context]:9.2f} ms {fmt_bytes(rings[context].nbytes):>9} | {global_ms:10.2f} ms "
               f"{fmt_bytes(full.nbytes):>9} | {hf_ms:>20} {hf_mem:>9}", flush=True)
         del full
+    del rings, steps
     base = 8192 if 8192 in local_ms else min(local_ms)
     for context in sorted(local_ms):
         if context > base:

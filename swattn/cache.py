@@ -88,8 +88,11 @@ class _LayerCache:
         pos = pos.to(device=self.k.device, dtype=torch.int64)
         # Positions of a row must increase, within the chunk and after what is stored.
         valid = pos >= 0
-        stamped = torch.where(valid, pos, torch.full_like(pos, -1))
-        before = torch.cat([self.last_pos.unsqueeze(1), stamped[:, :-1]], dim=1).cummax(dim=1).values
+        if chunk == 1:  # the decode step: just after what is stored
+            before = self.last_pos.unsqueeze(1)
+        else:
+            stamped = torch.where(valid, pos, torch.full_like(pos, -1))
+            before = torch.cat([self.last_pos.unsqueeze(1), stamped[:, :-1]], dim=1).cummax(dim=1).values
         bad = valid & (pos <= before)
         if bad.any():
             b, t = (int(i) for i in bad.nonzero()[0])
