@@ -25,3 +25,10 @@ def test_unknown_command_line_is_an_error():
         main(["bench", "nonsense"])
     with pytest.raises(SystemExit):
         main(["demo", "--bogus"])
+
+
+def test_bench_cache_runs_and_checks_ring_memory(capsys):
+    assert main(["bench", "cache", "--contexts", "64", "256", "--window", "32", "--steps", "3", "--million", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "identical, same buffer" in out
+    assert len([line for line in out.splitlines() if line.lstrip().startswith(("64 ", "256 "))]) == 2
