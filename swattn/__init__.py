@@ -1,8 +1,9 @@
 """swattn: exact sliding-window attention that is fast and memory-lean on CPU."""
 
+from swattn.models.loading import load
 from swattn.ops.api import sliding_window_attention
 from swattn.ops.reference import reference_attention
 from swattn.window import visible
 
-__all__ = ["sliding_window_attention", "reference_attention", "visible"]
+__all__ = ["sliding_window_attention", "reference_attention", "visible", "load"]
 __version__ = "0.1.0"

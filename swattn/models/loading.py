@@ -1,0 +1,91 @@
+"""Loading Hugging Face checkpoints: config.json and safetensors (single file or sharded).
+
+Safetensors only: nothing is unpickled and no code from a checkpoint runs. Tensors are
+copied one at a time from the memory-mapped files into the model's parameters, so the
+weights are never held twice.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from swattn.models.config import ModelConfig
+from swattn.models.transformer import CausalLM
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _shards(path: Path) -> dict[str, Path]:
+    """Maps each tensor name to the file holding it."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: path / file for name, file in weight_map.items()}
+    single = path / "model.safetensors"
+    if not single.exists():
+        raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+    try:
+        with safe_open(single, framework="pt") as f:
+            return {name: single for name in f.keys()}
+    except Exception as exc:
+        raise ValueError(f"{single} is not a readable safetensors file (truncated?): {exc}") from exc
+
+
+def load(path: str | Path, dtype: torch.dtype | str | None = None) -> CausalLM:
+    """Loads a Gemma 2, Gemma 3 (text) or Mistral checkpoint directory.
+
+    Args:
+        path: a directory with ``config.json`` and ``model.safetensors`` (or sharded files
+            with ``model.safetensors.index.json``).
+        dtype: ``torch.float32`` (default) or ``torch.bfloat16`` (or their names).
+
+    Returns:
+        The model in eval mode; its config is ``model.cfg``.
+
+    Raises:
+        FileNotFoundError: a missing file. ValueError: an unknown model type, a missing,
+        unexpected or misshapen tensor, or an unreadable (e.g. truncated) file, named.
+    """
+    path = Path(path)
+    dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) or dtype is None else dtype
+    dtype = dtype or torch.float32
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} not found")
+    cfg = ModelConfig.from_hf_config(json.loads(config_file.read_text()))
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    model = model.to_empty(device="cpu").to(dtype)  # allocated once, filled below
+    params = {f"model.{name}" if not name.startswith("lm_head") else name: p for name, p in model.state_dict().items()}
+    located = _shards(path)
+    missing = sorted(set(params) - set(located))
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    unexpected = sorted(set(located) - set(params) - ({"lm_head.weight"} if cfg.tie_embeddings else set()))
+    if unexpected:
+        raise ValueError(f"checkpoint {path} has unexpected tensors: {', '.join(unexpected[:5])}")
+    by_file: dict[Path, list[str]] = {}
+    for name in params:
+        by_file.setdefault(located[name], []).append(name)
+    for file, names in by_file.items():
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in names:
+                    tensor = f.get_tensor(name)
+                    if tensor.shape != params[name].shape:
+                        raise ValueError(
+                            f"tensor {name} in {file.name} has shape {tuple(tensor.shape)}, expected {tuple(params[name].shape)}"
+                        )
+                    with torch.no_grad():
+                        params[name].copy_(tensor)
+        except ValueError:
+            raise
+        except Exception as exc:
+            raise ValueError(f"{file} is not a readable safetensors file (truncated?): {exc}") from exc
+    return model.eval()

@@ -1,0 +1,162 @@
+"""The Gemma 2 / Gemma 3 / Mistral family in one file: norm, rotary, attention, MLP, block, model.
+
+What differs between the families is data in :class:`ModelConfig` (per-layer windows,
+soft-caps, norm style, q/k norms, rotary bases), not branches on the family's name.
+Module names follow the Hugging Face checkpoints, so a state dict loads as it is.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from swattn.cache import ModelCache
+from swattn.models.config import ModelConfig, Rope
+from swattn.ops.api import sliding_window_attention
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32; Gemma's gain is ``1 + w`` (weights start at 0), Mistral's ``w``."""
+
+    def __init__(self, dim: int, eps: float, plus_one: bool):
+        super().__init__()
+        self.eps, self.plus_one = eps, plus_one
+        self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.plus_one:
+            return (y * (1.0 + self.weight.float())).to(x.dtype)
+        return self.weight * y.to(x.dtype)  # Llama/Mistral order: cast, then the gain
+
+
+def rotary(pos: torch.Tensor, head_dim: int, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of the rotary embedding for positions ``(batch, seq)``: ``(batch, 1, seq, head_dim)`` fp32."""
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    freqs = pos.float().unsqueeze(-1) * (inv_freq / rope.linear_factor)  # (batch, seq, head_dim / 2)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().unsqueeze(1), emb.sin().unsqueeze(1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates ``x`` ``(batch, heads, seq, head_dim)`` in the split-half ("rotate_half") layout."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with a window (local) or without (global), through swattn's op."""
+
+    def __init__(self, cfg: ModelConfig, window: int | None):
+        super().__init__()
+        self.cfg, self.window = cfg, window
+        h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=False)
+        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.gemma_norms)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.gemma_norms)
+
+    def forward(self, x, pos, cos, sin, cache=None):
+        batch, seq, _ = x.shape
+        cfg = self.cfg
+        q = self.q_proj(x).view(batch, seq, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        if cfg.qk_norm:  # Gemma 3: before the rotation
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        kw = dict(softcap=cfg.attn_softcap, scale=cfg.scale)
+        if cache is None:
+            out = sliding_window_attention(q, k, v, self.window, q_pos=pos, k_pos=pos, **kw)
+        else:
+            out = cache.attend(q, k.contiguous(), v.contiguous(), pos, **kw)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class MLP(nn.Module):
+    """Gated MLP: GeGLU (tanh GELU) for Gemma, SwiGLU for Mistral."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.act = F.silu if cfg.activation == "silu" else lambda t: F.gelu(t, approximate="tanh")
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """One decoder layer. Gemma: four norms (around attention and MLP); Mistral: two (before each)."""
+
+    def __init__(self, cfg: ModelConfig, window: int | None):
+        super().__init__()
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma_norms)  # noqa: E731
+        self.self_attn = Attention(cfg, window)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = norm()
+        self.post_attention_layernorm = norm()  # Mistral: the norm before the MLP
+        if cfg.gemma_norms:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+        self.gemma = cfg.gemma_norms
+
+    def forward(self, x, pos, cos, sin, cache=None):
+        attn = self.self_attn(self.input_layernorm(x), pos, cos, sin, cache)
+        if self.gemma:
+            h = x + self.post_attention_layernorm(attn)
+            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        h = x + attn
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class CausalLM(nn.Module):
+    """The whole model: embeddings, layers (each local or global), final norm, LM head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, w) for w in cfg.windows)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma_norms)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def new_cache(self, batch: int, capacity: int | None = None) -> ModelCache:
+        """Gives empty caches for this model: a ring per local layer, a full cache per global one."""
+        w = self.embed_tokens.weight
+        return ModelCache(self.cfg.windows, batch, self.cfg.num_kv_heads, self.cfg.head_dim, capacity=capacity,
+                          dtype=w.dtype, device=w.device)
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor | None = None, cache: ModelCache | None = None) -> torch.Tensor:
+        """Gives next-token logits.
+
+        Args:
+            ids: token ids ``(batch, seq)``.
+            pos: absolute positions ``(batch, seq)``, -1 for padding; default ``0..seq-1``
+                (or continuing after what ``cache`` holds is the caller's to say).
+            cache: from :meth:`new_cache`, for incremental use (chunked prefill, decoding).
+
+        Returns:
+            logits ``(batch, seq, vocab_size)`` in the model's dtype.
+        """
+        if pos is None:
+            pos = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+        cfg = self.cfg
+        x = self.embed_tokens(ids)
+        if cfg.gemma_norms:  # the scale is cast to the activation dtype first (48.0 exactly in bf16)
+            x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
+        rotations = {"local": rotary(pos, cfg.head_dim, cfg.rope_local), "global": rotary(pos, cfg.head_dim, cfg.rope_global)}
+        for i, layer in enumerate(self.layers):
+            cos, sin = rotations["local" if cfg.windows[i] is not None else "global"]
+            x = layer(x, pos, cos, sin, None if cache is None else cache[i])
+        x = self.norm(x)
+        logits = x @ self.embed_tokens.weight.T if self.lm_head is None else self.lm_head(x)
+        if cfg.final_softcap is not None:
+            logits = cfg.final_softcap * torch.tanh(logits / cfg.final_softcap)
+        return logits
