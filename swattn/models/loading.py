@@ -44,7 +44,9 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None) -> CausalLM:
         dtype: ``torch.float32`` (default) or ``torch.bfloat16`` (or their names).
 
     Returns:
-        The model in eval mode; its config is ``model.cfg``.
+        The model in eval mode; its config is ``model.cfg``, its tokenizer (from
+        ``tokenizer.json``, or None) ``model.tokenizer``, its stop token ids (from
+        ``generation_config.json``, else ``config.json``) ``model.stop_tokens``.
 
     Raises:
         FileNotFoundError: a missing file. ValueError: an unknown model type, a missing,
@@ -88,4 +90,25 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None) -> CausalLM:
             raise
         except Exception as exc:
             raise ValueError(f"{file} is not a readable safetensors file (truncated?): {exc}") from exc
+    model.tokenizer = _tokenizer(path)
+    model.stop_tokens = _stop_tokens(path, cfg)
     return model.eval()
+
+
+def _tokenizer(path: Path):
+    """The checkpoint's ``tokenizer.json`` through the ``tokenizers`` package, or None if absent."""
+    file = path / "tokenizer.json"
+    if not file.exists():
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(file))
+
+
+def _stop_tokens(path: Path, cfg: ModelConfig) -> tuple[int, ...]:
+    """Stop tokens: ``generation_config.json``'s eos ids (instruction-tuned Gemma adds <end_of_turn>), else config's."""
+    file = path / "generation_config.json"
+    eos = json.loads(file.read_text()).get("eos_token_id") if file.exists() else None
+    if eos is None:
+        return cfg.eos_token_ids
+    return tuple(eos if isinstance(eos, list) else [eos])
