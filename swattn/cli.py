@@ -7,7 +7,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-BENCHMARKS = ("attention", "cache")
+BENCHMARKS = ("attention", "cache", "model")
 _BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 
 

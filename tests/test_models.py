@@ -121,3 +121,14 @@ def test_bad_checkpoints_are_named(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated"):
         load(tmp_path)
+
+
+def test_long_inputs_take_the_mlp_in_chunks(pair, monkeypatch):
+    from swattn.models.transformer import MLP
+
+    _, hf, ours, _ = pair
+    ids = torch.randint(0, 256, (1, 23))
+    with torch.no_grad():
+        whole = ours(ids)
+        monkeypatch.setattr(MLP, "CHUNK", 5)
+        torch.testing.assert_close(ours(ids), whole, atol=1e-5, rtol=1e-5)

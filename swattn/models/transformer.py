@@ -79,7 +79,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Gated MLP: GeGLU (tanh GELU) for Gemma, SwiGLU for Mistral."""
+    """Gated MLP: GeGLU (tanh GELU) for Gemma, SwiGLU for Mistral.
+
+    Long inputs go through in chunks of ``CHUNK`` tokens: the (tokens x intermediate)
+    activations are the largest tensors of a long prefill, and need not exist all at once.
+    """
+
+    CHUNK = 2048
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -89,7 +95,9 @@ class MLP(nn.Module):
         self.act = F.silu if cfg.activation == "silu" else lambda t: F.gelu(t, approximate="tanh")
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        if x.shape[1] <= self.CHUNK:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return torch.cat([self.forward(part) for part in x.split(self.CHUNK, dim=1)], dim=1)
 
 
 class Block(nn.Module):

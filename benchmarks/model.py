@@ -1,0 +1,192 @@
+#!/usr/bin/env python
+"""Whole-model prefill and decode: swattn vs transformers (eager, flex_attention).
+
+Two decoder layers of the Gemma 2 2b shape (hidden 2304, MLP 9216, 8/4 heads of 256, one
+local layer with window 4096 and one global), a 4096-token vocabulary, random weights; the
+same weights and inputs for every implementation. Prefill: time, achieved GFLOP/s (with
+its fraction of the fp32 matmul rate measured in the same run) and peak memory. Decode:
+tokens/s after a context. Each cell runs in a fresh subprocess; a peer that cannot run a
+size is shown as such.
+
+    python benchmarks/model.py --quick     # n=4096 prefill, decode after 2048
+    python benchmarks/model.py             # n in {4096, 16384, 32768, 131072}, decode after 2048 and 16384
+    swattn bench model [same options]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from swattn.profiling import attention_flops, fmt_bytes, matmul_gflops, measure
+
+SHAPE = dict(vocab_size=4096, hidden_size=2304, intermediate_size=9216, num_hidden_layers=2, num_attention_heads=8,
+             num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256, sliding_window=4096,
+             max_position_embeddings=262144)
+IMPLS = ("swattn", "eager", "flex_attention")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def prefill_flops(n: int) -> float:
+    """FLOPs of one prefill: projections and MLP, LM head, and window-aware attention per layer."""
+    h, f, heads, kv, d, vocab = (SHAPE[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                                     "num_key_value_heads", "head_dim", "vocab_size"))
+    per_token = 2 * (h * heads * d * 2 + h * kv * d * 2 + 3 * h * f)  # q, o, k, v, gate/up/down
+    dense = 2 * per_token * n + 2 * h * vocab * n
+    attention = attention_flops(n, SHAPE["sliding_window"], heads, d) + attention_flops(n, None, heads, d)
+    return dense + attention
+
+
+def _checkpoint(directory: str) -> str:
+    """Writes the random two-layer model once (transformers' own save) and gives its path."""
+    path = os.path.join(directory, "gemma2-2layer")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+
+        torch.manual_seed(0)
+        model = Gemma2ForCausalLM(Gemma2Config(**SHAPE))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(0.0, 0.1)
+        model.save_pretrained(path)
+    return path
+
+
+def _load(impl: str, path: str, dtype: torch.dtype):
+    if impl == "swattn":
+        from swattn.models.loading import load
+
+        return load(path, dtype=dtype)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation=impl, dtype=dtype).eval()
+
+
+def _logits(impl, model, ids, cache=None, pos=None):
+    if impl == "swattn":
+        return model(ids, pos, cache)
+    out = model(ids, past_key_values=cache, use_cache=cache is not None)
+    return out.logits, out.past_key_values
+
+
+def run_cell(cell: dict) -> dict:
+    """One implementation, one task (prefill of n tokens, or decode after a context)."""
+    dtype = DTYPES[cell["dtype"]]
+    model = _load(cell["impl"], cell["path"], dtype)
+    gen = torch.Generator().manual_seed(1)
+    if cell["task"] == "prefill":
+        ids = torch.randint(0, SHAPE["vocab_size"], (1, cell["n"]), generator=gen)
+        with torch.inference_mode():
+            seconds, growth = measure(lambda: _logits(cell["impl"], model, ids), repeat=cell["repeat"])
+        return {"seconds": seconds, "peak": growth}
+    context, steps = cell["n"], cell["steps"]
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, context + steps), generator=gen)
+    with torch.inference_mode():
+        if cell["impl"] == "swattn":
+            cache = model.new_cache(1)
+            model(ids[:, :context], torch.arange(context).view(1, -1), cache)
+            start = time.perf_counter()
+            for i in range(steps):
+                model(ids[:, context + i : context + i + 1], torch.tensor([[context + i]]), cache)
+        else:
+            out = model(ids[:, :context], use_cache=True)
+            cache = out.past_key_values
+            start = time.perf_counter()
+            for i in range(steps):
+                cache = model(ids[:, context + i : context + i + 1], past_key_values=cache, use_cache=True).past_key_values
+        seconds = time.perf_counter() - start
+    return {"tokens_per_s": steps / seconds}
+
+
+def _worker(cell_json: str) -> None:
+    cell = json.loads(cell_json)
+    try:
+        result = run_cell(cell)
+    except Exception as exc:  # a peer refusing or running out of memory is a result
+        msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        result = {"error": "out of memory" if "memory" in msg.lower() else msg[:60]}
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def _spawn(cell: dict, timeout: float) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(cell)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    if proc.returncode < 0:
+        return {"error": f"killed by signal {-proc.returncode} (out of memory?)"}
+    return {"error": ((proc.stderr.strip().splitlines() or ["no output"])[-1])[:60]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="swattn bench model", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="prefill 4096 tokens, decode after 2048, fp32")
+    parser.add_argument("--n", type=int, nargs="+", default=[4096, 16384, 32768, 131072], help="prefill lengths")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 16384], help="decode after these")
+    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
+    parser.add_argument("--impl", nargs="+", choices=IMPLS, default=list(IMPLS))
+    parser.add_argument("--steps", type=int, default=16, help="decode steps timed")
+    parser.add_argument("--repeat", type=int, default=1, help="timed prefill runs (median)")
+    parser.add_argument("--peer-max-n", type=int, default=16384, help="largest prefill n for transformers' peers")
+    parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "swattn-bench"),
+                        help="where the random checkpoint is written once")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        _worker(args.worker)
+        return 0
+    if args.quick:
+        args.n, args.contexts, args.dtype = [4096], [2048], ["fp32"]
+    path = _checkpoint(args.dir)
+    rate = matmul_gflops(torch.float32)
+    print(f"# Gemma 2 2b-shaped, 2 layers (local w=4096 + global), vocab 4096, random weights; torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads; fp32 matmul now: {rate:.0f} GFLOP/s")
+    print("# prefill: seconds, GFLOP/s (% of fp32 matmul), peak memory growth; 'x' = peer time / swattn time")
+    for dtype in args.dtype:
+        for n in args.n:
+            row, ours = f"prefill {n:>6} {dtype} |", None
+            for impl in args.impl:
+                if impl != "swattn" and n > args.peer_max_n:
+                    row += f" {impl}: not run (n > --peer-max-n) |"
+                    continue
+                r = _spawn(dict(impl=impl, task="prefill", n=n, dtype=dtype, path=path, repeat=args.repeat), args.timeout)
+                if "seconds" not in r:
+                    row += f" {impl}: {r['error']} |"
+                    continue
+                gf = prefill_flops(n) / r["seconds"] / 1e9
+                ratio = f" {r['seconds'] / ours:.1f}x" if ours and impl != "swattn" else ""
+                ours = ours or (r["seconds"] if impl == "swattn" else None)
+                row += f" {impl}: {r['seconds']:.2f} s {gf:.0f} GFLOP/s ({100 * gf / rate:.0f}%) {fmt_bytes(r['peak'])}{ratio} |"
+            print(row, flush=True)
+        for context in args.contexts:
+            row, ours = f"decode @{context:>6} {dtype} |", None
+            for impl in args.impl:
+                if impl == "flex_attention":
+                    continue  # decode through flex recompiles per length: not a fair peer here
+                r = _spawn(dict(impl=impl, task="decode", n=context, dtype=dtype, path=path, steps=args.steps),
+                           args.timeout)
+                if "tokens_per_s" not in r:
+                    row += f" {impl}: {r['error']} |"
+                    continue
+                ratio = f" (swattn {ours / r['tokens_per_s']:.1f}x)" if ours and impl != "swattn" else ""
+                ours = ours or (r["tokens_per_s"] if impl == "swattn" else None)
+                row += f" {impl}: {r['tokens_per_s']:.1f} tokens/s{ratio} |"
+            print(row, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
