@@ -15,16 +15,13 @@ memory is its own, and a peer that fails (out of memory, no backward) is shown a
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
-import time
 
 import torch
 
 import swattn
-from swattn.profiling import attention_flops, fmt_bytes, matmul_gflops, measure
+from swattn.profiling import attention_flops, cell_worker, fmt_bytes, matmul_gflops, measure, run_cell_in_subprocess
 from swattn.window import visible
 
 IMPLS = ("swattn", "sdpa_dense", "flex")
@@ -64,13 +61,14 @@ def _attention_fn(impl: str, q, k, v, window: int):
 
 
 def run_cell(cell: dict) -> dict:
-    """Measures one implementation on one configuration, in this process.
+    """Measures one implementation on one configuration, in this process (a fresh one per cell).
 
     Peak memory = the bytes of the inputs (and the output gradient) and of what the
     implementation prepared (a dense mask, a block mask), plus the peak growth of resident
     memory while the timed runs execute (``measure``: its baseline, taken after a warm-up,
     keeps out what the first call loads once: libraries, the compiler's own state).
     """
+    torch.set_num_threads(cell["threads"])
     grad = cell["mode"] == "fwd+bwd"
     (q, k, v), dout = _inputs(cell["n"], cell["head_dim"], DTYPES[cell["dtype"]], grad)
     forward, prepared_bytes = _attention_fn(cell["impl"], q, k, v, cell["window"])
@@ -92,32 +90,6 @@ def run_cell(cell: dict) -> dict:
         "peak": tensor_bytes(inputs) + prepared_bytes + growth,
         "io_bytes": tensor_bytes(io),
     }
-
-
-def _worker(cell_json: str) -> None:
-    cell = json.loads(cell_json)
-    torch.set_num_threads(cell["threads"])
-    try:
-        result = run_cell(cell)
-    except Exception as exc:  # a peer refusing or running out of memory is a result
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        result = {"error": "out of memory" if "memory" in msg.lower() or "alloc" in msg.lower() else msg[:70]}
-    print("RESULT " + json.dumps(result), flush=True)
-
-
-def _spawn(cell: dict, timeout: float) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(cell)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    if proc.returncode < 0:
-        return {"error": f"killed by signal {-proc.returncode} (out of memory?)"}
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"error": tail[:70]}
 
 
 def _grid(args) -> list[dict]:
@@ -170,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        _worker(args.worker)
+        cell_worker(run_cell, args.worker)
         return 0
     if args.quick:
         args.n, args.window, args.head_dim, args.dtype, args.repeat = [4096], [1024], [128], ["fp32"], 2
@@ -195,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         for impl in args.impl:
             cell = dict(cfg, impl=impl, repeat=args.repeat, threads=threads)
             reason = _skip_reason(impl, cfg, args, done)
-            result = {"skip": reason} if reason else _spawn(cell, args.timeout)
+            result = {"skip": reason} if reason else run_cell_in_subprocess(os.path.abspath(__file__), cell, args.timeout)
             key = (cfg["n"], impl, cfg["window"], cfg["head_dim"], cfg["dtype"], cfg["mode"])
             done[key] = row[impl] = result
         ours = row.get("swattn")

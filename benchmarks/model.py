@@ -16,16 +16,14 @@ size is shown as such.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
 import torch
 
-from swattn.profiling import attention_flops, fmt_bytes, matmul_gflops, measure
+from swattn.profiling import attention_flops, cell_worker, fmt_bytes, matmul_gflops, measure, run_cell_in_subprocess
 
 SHAPE = dict(vocab_size=4096, hidden_size=2304, intermediate_size=9216, num_hidden_layers=2, num_attention_heads=8,
              num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256, sliding_window=4096,
@@ -106,30 +104,6 @@ def run_cell(cell: dict) -> dict:
     return {"tokens_per_s": steps / seconds}
 
 
-def _worker(cell_json: str) -> None:
-    cell = json.loads(cell_json)
-    try:
-        result = run_cell(cell)
-    except Exception as exc:  # a peer refusing or running out of memory is a result
-        msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        result = {"error": "out of memory" if "memory" in msg.lower() else msg[:60]}
-    print("RESULT " + json.dumps(result), flush=True)
-
-
-def _spawn(cell: dict, timeout: float) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(cell)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    if proc.returncode < 0:
-        return {"error": f"killed by signal {-proc.returncode} (out of memory?)"}
-    return {"error": ((proc.stderr.strip().splitlines() or ["no output"])[-1])[:60]}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="swattn bench model", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="prefill 4096 tokens, decode after 2048, fp32")
@@ -146,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        _worker(args.worker)
+        cell_worker(run_cell, args.worker)
         return 0
     if args.quick:
         args.n, args.contexts, args.dtype = [4096], [2048], ["fp32"]
@@ -162,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                 if impl != "swattn" and n > args.peer_max_n:
                     row += f" {impl}: not run (n > --peer-max-n) |"
                     continue
-                r = _spawn(dict(impl=impl, task="prefill", n=n, dtype=dtype, path=path, repeat=args.repeat), args.timeout)
+                r = run_cell_in_subprocess(os.path.abspath(__file__), dict(impl=impl, task="prefill", n=n, dtype=dtype, path=path, repeat=args.repeat), args.timeout)
                 if "seconds" not in r:
                     row += f" {impl}: {r['error']} |"
                     continue
@@ -176,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             for impl in args.impl:
                 if impl == "flex_attention":
                     continue  # decode through flex recompiles per length: not a fair peer here
-                r = _spawn(dict(impl=impl, task="decode", n=context, dtype=dtype, path=path, steps=args.steps),
+                r = run_cell_in_subprocess(os.path.abspath(__file__), dict(impl=impl, task="decode", n=context, dtype=dtype, path=path, steps=args.steps),
                            args.timeout)
                 if "tokens_per_s" not in r:
                     row += f" {impl}: {r['error']} |"

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -101,3 +104,37 @@ def measure(
 def fmt_bytes(n: float) -> str:
     """Gives ``n`` bytes as MB or GB, the unit chosen for readability."""
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
+def run_cell_in_subprocess(script: str, cell: dict, timeout: float) -> dict:
+    """Runs ``script --worker JSON`` in a fresh Python, so the cell's peak memory is its own.
+
+    Returns:
+        The dict the worker printed after ``RESULT``, or ``{"error": why}`` (time-out, a
+        kill by the out-of-memory killer, a crash).
+    """
+    cmd = [sys.executable, script, "--worker", json.dumps(cell)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    if proc.returncode < 0:
+        return {"error": f"killed by signal {-proc.returncode} (out of memory?)"}
+    return {"error": ((proc.stderr.strip().splitlines() or ["no output"])[-1])[:70]}
+
+
+def cell_worker(run_cell: Callable[[dict], dict], cell_json: str) -> None:
+    """The ``--worker`` side: runs one cell and prints ``RESULT {json}``.
+
+    An exception is a result too (a peer refusing, running out of memory): its first line.
+    """
+    cell = json.loads(cell_json)
+    try:
+        result = run_cell(cell)
+    except Exception as exc:
+        msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        result = {"error": "out of memory" if "memory" in msg.lower() or "alloc" in msg.lower() else msg[:70]}
+    print("RESULT " + json.dumps(result), flush=True)
