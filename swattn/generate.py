@@ -119,7 +119,7 @@ def generate(
     with torch.inference_mode():
         start = time.perf_counter()
         for begin in range(0, longest, chunk_size):
-            logits = model(ids[:, begin : begin + chunk_size], pos[:, begin : begin + chunk_size], cache)
+            logits = model(ids[:, begin : begin + chunk_size], pos[:, begin : begin + chunk_size], cache, last_only=True)
             if on_prefill:
                 on_prefill(min(begin + chunk_size, longest), longest)
         stats.prefill_seconds = time.perf_counter() - start
@@ -140,7 +140,7 @@ def generate(
             if step == max_new_tokens - 1 or bool(done.all()):
                 break
             step_pos = torch.where(done, torch.full_like(next_pos, -1), next_pos).unsqueeze(1)
-            last = model(token.unsqueeze(1), step_pos, cache)[:, -1]
+            last = model(token.unsqueeze(1), step_pos, cache, last_only=True)[:, -1]
             next_pos = next_pos + 1
         stats.decode_seconds = time.perf_counter() - start
     stats.cache_bytes = cache.nbytes

@@ -132,3 +132,10 @@ def test_long_inputs_take_the_mlp_in_chunks(pair, monkeypatch):
         whole = ours(ids)
         monkeypatch.setattr(MLP, "CHUNK", 5)
         torch.testing.assert_close(ours(ids), whole, atol=1e-5, rtol=1e-5)
+
+
+def test_last_only_gives_the_last_positions_logits(pair):
+    _, _, ours, _ = pair
+    ids = torch.randint(0, 256, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, last_only=True), ours(ids)[:, -1:], atol=1e-6, rtol=1e-6)

@@ -141,7 +141,8 @@ class CausalLM(nn.Module):
         return ModelCache(self.cfg.windows, batch, self.cfg.num_kv_heads, self.cfg.head_dim, capacity=capacity,
                           dtype=w.dtype, device=w.device)
 
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor | None = None, cache: ModelCache | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor | None = None, cache: ModelCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
         """Gives next-token logits.
 
         Args:
@@ -149,9 +150,12 @@ class CausalLM(nn.Module):
             pos: absolute positions ``(batch, seq)``, -1 for padding; default ``0..seq-1``
                 (or continuing after what ``cache`` holds is the caller's to say).
             cache: from :meth:`new_cache`, for incremental use (chunked prefill, decoding).
+            last_only: only the last position's logits (what generation needs; with a
+                256k vocabulary, all positions' logits of a long prompt would not fit).
 
         Returns:
-            logits ``(batch, seq, vocab_size)`` in the model's dtype.
+            logits ``(batch, seq, vocab_size)`` (``(batch, 1, vocab_size)`` with ``last_only``)
+            in the model's dtype.
         """
         if pos is None:
             pos = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
@@ -163,7 +167,7 @@ class CausalLM(nn.Module):
         for i, layer in enumerate(self.layers):
             cos, sin = rotations["local" if cfg.windows[i] is not None else "global"]
             x = layer(x, pos, cos, sin, None if cache is None else cache[i])
-        x = self.norm(x)
+        x = self.norm(x[:, -1:] if last_only else x)
         logits = x @ self.embed_tokens.weight.T if self.lm_head is None else self.lm_head(x)
         if cfg.final_softcap is not None:
             logits = cfg.final_softcap * torch.tanh(logits / cfg.final_softcap)
