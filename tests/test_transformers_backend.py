@@ -69,3 +69,6 @@ def test_old_or_missing_transformers_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(transformers, "__version__", "4.46.0")
     with pytest.raises(ImportError, match="needs transformers >= 5.0, found 4.46.0"):
         register_with_transformers()
+    monkeypatch.setitem(__import__("sys").modules, "transformers", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"needs transformers >= 5.0: pip install"):
+        register_with_transformers()
