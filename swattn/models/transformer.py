@@ -74,7 +74,7 @@ class Attention(nn.Module):
         if cache is None:
             out = sliding_window_attention(q, k, v, self.window, q_pos=pos, k_pos=pos, **kw)
         else:
-            out = cache.attend(q, k.contiguous(), v.contiguous(), pos, **kw)
+            out = cache.attend(q, k, v, pos, **kw)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
