@@ -7,7 +7,9 @@ import importlib.util
 import sys
 from pathlib import Path
 
-BENCHMARKS = ("attention", "cache", "model")
+# name -> script in benchmarks/ (not "transformers.py": run as a script it would shadow the package)
+BENCHMARKS = {"attention": "attention.py", "cache": "cache.py", "model": "model.py",
+              "transformers": "transformers_backend.py"}
 _BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -62,7 +64,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace, rest: list[str]) -> int:
-    script = _BENCH_DIR / f"{args.name}.py"
+    script = _BENCH_DIR / BENCHMARKS[args.name]
     if not script.exists():
         raise SystemExit(
             f"swattn bench: {script} not found; the benchmarks ship with the source tree, "

@@ -72,3 +72,64 @@ def test_old_or_missing_transformers_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "transformers", None)  # as if not installed
     with pytest.raises(ImportError, match=r"needs transformers >= 5.0: pip install"):
         register_with_transformers()
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_generation_with_transformers_caches_matches_eager(model, cache):
+    """Dynamic caches (sliding layers cropped to the window) and static ones (keys beyond the
+    position present but unfilled, queries not the last keys): both through the position masks."""
+    ids, mask = padded_batch()
+    kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0,
+              cache_implementation=cache)
+    with torch.no_grad():
+        want = with_impl(model, "eager").generate(ids, **kw)
+        got = with_impl(model, "swattn").generate(ids, **kw)
+    assert torch.equal(got, want)
+
+
+def test_boolean_masks_of_the_sliding_pattern_are_accepted_and_others_refused():
+    from swattn.integrations.transformers import _attention
+    from swattn.window import visible
+
+    q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
+    pos = torch.arange(9).expand(2, -1).clone()
+    pos[1, :3] = -1  # left padding in row 1
+    mask = visible(pos, pos, 4).unsqueeze(1)
+    out, _ = _attention(None, q, k, v, mask, sliding_window=4)
+    want, _ = _attention(None, q, k, v, None, sliding_window=4)
+    assert torch.allclose(out[0], want[0], atol=1e-6)  # row 0 has no padding
+    alone, _ = _attention(None, q[1:, :, 3:], k[1:, :, 3:], v[1:, :, 3:], None, sliding_window=4)
+    assert torch.allclose(out[1, 3:], alone[0], atol=1e-6)
+    packed = mask.clone()
+    packed[:, :, 5:, :5] = False  # two packed sequences: not a window pattern
+    with pytest.raises(ValueError, match="packed sequences"):
+        _attention(None, q, k, v, packed, sliding_window=4)
+    with pytest.raises(TypeError, match="attn_implementation='swattn'"):
+        _attention(None, q, k, v, torch.zeros(2, 1, 9, 9), sliding_window=4)
+
+
+def test_trainer_fine_tuning_through_swattn_follows_eager(tmp_path):
+    """transformers' Trainer (SGD, 3 steps) on a tiny Gemma 2: the losses it logs and the
+    weights it ends with are eager's, so the backward it runs is swattn's and is right."""
+    import copy
+
+    from transformers import Trainer, TrainingArguments
+
+    base = tiny_hf_model("gemma2")
+    data = [{"input_ids": t, "labels": t} for t in torch.randint(1, 256, (6, 21))]
+    runs = {}
+    for name in ("eager", "swattn"):
+        model = with_impl(copy.deepcopy(base), name).train()
+        args = TrainingArguments(output_dir=str(tmp_path / name), max_steps=3, per_device_train_batch_size=2,
+                                 learning_rate=0.1, optim="sgd", logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                                 seed=0, disable_tqdm=True)
+        trainer = Trainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+        runs[name] = (model, [h["loss"] for h in trainer.state.log_history if "loss" in h])
+    (eager, eager_losses), (ours, our_losses) = runs["eager"], runs["swattn"]
+    assert len(eager_losses) == 3 and our_losses == pytest.approx(eager_losses, rel=1e-4)
+    moved = False
+    for (n, p), q in zip(eager.named_parameters(), ours.parameters()):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), n
+        moved |= not torch.equal(p, dict(base.named_parameters())[n])
+    assert moved, "training did not change the weights"
