@@ -4,7 +4,7 @@
 Two decoder layers of the Gemma 2 2b shape (hidden 2304, MLP 9216, 8/4 heads of 256, one
 local layer with window 4096 and one global), a 4096-token vocabulary, random weights; the
 same weights and inputs for every implementation. Prefill: time, achieved GFLOP/s (with
-its fraction of the fp32 matmul rate measured in the same run) and peak memory. Decode:
+its fraction of the matmul rate of that dtype measured in the same run) and peak memory. Decode:
 tokens/s after a context. Each cell runs in a fresh subprocess; a peer that cannot run a
 size is shown as such.
 
@@ -68,11 +68,32 @@ def _load(impl: str, path: str, dtype: torch.dtype):
     return AutoModelForCausalLM.from_pretrained(path, attn_implementation=impl, dtype=dtype).eval()
 
 
-def _prefill(impl, model, ids):
-    """All positions' logits of one forward, without building a cache."""
+def _prefill(impl, model, ids, chunk):
+    """Reads the whole prompt and gives the last position's logits (what generation needs).
+
+    swattn does what ``swattn generate`` does: chunks of ``chunk`` tokens through the
+    layer caches (a ring for the local layer, a full cache for the global one). The peers
+    run one forward without a cache (``use_cache=False``: less work and memory for them
+    than building one) and keep one position's logits.
+    """
     if impl == "swattn":
-        return model(ids)
-    return model(ids, use_cache=False).logits
+        n = ids.shape[1]
+        cache = model.new_cache(1, capacity=n)
+        for start in range(0, n, chunk):
+            part = ids[:, start : start + chunk]
+            logits = model(part, torch.arange(start, start + part.shape[1]).view(1, -1), cache, last_only=True)
+        return logits
+    return model(ids, use_cache=False, logits_to_keep=1).logits
+
+
+def _fill_peer_cache(model, ids, chunk):
+    """transformers' cache after ``ids``, fed ``chunk`` tokens at a time (a 16k-token eager
+    forward in one piece would need ~21 GB of scores)."""
+    cache = None
+    for start in range(0, ids.shape[1], chunk):
+        out = model(ids[:, start : start + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+    return cache
 
 
 def run_cell(cell: dict) -> dict:
@@ -83,23 +104,32 @@ def run_cell(cell: dict) -> dict:
     if cell["task"] == "prefill":
         ids = torch.randint(0, SHAPE["vocab_size"], (1, cell["n"]), generator=gen)
         with torch.inference_mode():
-            seconds, growth = measure(lambda: _prefill(cell["impl"], model, ids), repeat=cell["repeat"])
+            # torch.compile specialises on the length: flex warms up on the whole input; the
+            # others on a short one (their first-call costs do not depend on n, and a second
+            # 131072-token prefill would double a long run)
+            full_warmup = cell["impl"] == "flex_attention"
+            if not full_warmup:
+                _prefill(cell["impl"], model, ids[:, :512], cell["chunk"])
+            seconds, growth = measure(lambda: _prefill(cell["impl"], model, ids, cell["chunk"]), repeat=cell["repeat"],
+                                      warmup=full_warmup)
         return {"seconds": seconds, "peak": growth}
     context, steps = cell["n"], cell["steps"]
     ids = torch.randint(0, SHAPE["vocab_size"], (1, context + steps), generator=gen)
     with torch.inference_mode():
         if cell["impl"] == "swattn":
             cache = model.new_cache(1)
-            model(ids[:, :context], torch.arange(context).view(1, -1), cache)
+            for s0 in range(0, context, cell["chunk"]):
+                part = ids[:, s0 : min(context, s0 + cell["chunk"])]
+                model(part, torch.arange(s0, s0 + part.shape[1]).view(1, -1), cache, last_only=True)
             start = time.perf_counter()
             for i in range(steps):
                 model(ids[:, context + i : context + i + 1], torch.tensor([[context + i]]), cache)
         else:
-            out = model(ids[:, :context], use_cache=True)
-            cache = out.past_key_values
+            cache = _fill_peer_cache(model, ids[:, :context], cell["chunk"])
             start = time.perf_counter()
             for i in range(steps):
-                cache = model(ids[:, context + i : context + i + 1], past_key_values=cache, use_cache=True).past_key_values
+                cache = model(ids[:, context + i : context + i + 1], past_key_values=cache, use_cache=True,
+                              logits_to_keep=1).past_key_values
         seconds = time.perf_counter() - start
     return {"tokens_per_s": steps / seconds}
 
@@ -113,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--impl", nargs="+", choices=IMPLS, default=list(IMPLS))
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed")
     parser.add_argument("--repeat", type=int, default=1, help="timed prefill runs (median)")
+    parser.add_argument("--chunk", type=int, default=4096,
+                        help="swattn's prefill chunk (and the chunk that fills caches before decoding)")
     parser.add_argument("--peer-max-n", type=int, default=16384, help="largest prefill n for transformers' peers")
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "swattn-bench"),
@@ -125,10 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.n, args.contexts, args.dtype = [4096], [2048], ["fp32"]
     path = _checkpoint(args.dir)
-    rate = matmul_gflops(torch.float32)
+    rates = {name: matmul_gflops(DTYPES[name], size=2048) for name in args.dtype}
     print(f"# Gemma 2 2b-shaped, 2 layers (local w=4096 + global), vocab 4096, random weights; torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads; fp32 matmul now: {rate:.0f} GFLOP/s")
-    print("# prefill: seconds, GFLOP/s (% of fp32 matmul), peak memory growth; 'x' = peer time / swattn time")
+          f"{torch.__version__}, {torch.get_num_threads()} threads; matmul 2048^3 now: "
+          + ", ".join(f"{name} {r:.0f} GFLOP/s" for name, r in rates.items()))
+    print("# prefill: seconds, GFLOP/s (% of that dtype's matmul rate), peak memory growth; 'x' = peer time / swattn time")
     for dtype in args.dtype:
         for n in args.n:
             row, ours = f"prefill {n:>6} {dtype} |", None
@@ -136,21 +169,21 @@ def main(argv: list[str] | None = None) -> int:
                 if impl != "swattn" and n > args.peer_max_n:
                     row += f" {impl}: not run (n > --peer-max-n) |"
                     continue
-                r = run_cell_in_subprocess(os.path.abspath(__file__), dict(impl=impl, task="prefill", n=n, dtype=dtype, path=path, repeat=args.repeat), args.timeout)
+                r = run_cell_in_subprocess(os.path.abspath(__file__), dict(impl=impl, task="prefill", n=n, dtype=dtype, path=path, repeat=args.repeat, chunk=args.chunk), args.timeout)
                 if "seconds" not in r:
                     row += f" {impl}: {r['error']} |"
                     continue
                 gf = prefill_flops(n) / r["seconds"] / 1e9
                 ratio = f" {r['seconds'] / ours:.1f}x" if ours and impl != "swattn" else ""
                 ours = ours or (r["seconds"] if impl == "swattn" else None)
-                row += f" {impl}: {r['seconds']:.2f} s {gf:.0f} GFLOP/s ({100 * gf / rate:.0f}%) {fmt_bytes(r['peak'])}{ratio} |"
+                row += f" {impl}: {r['seconds']:.2f} s {gf:.0f} GFLOP/s ({100 * gf / rates[dtype]:.0f}%) {fmt_bytes(r['peak'])}{ratio} |"
             print(row, flush=True)
         for context in args.contexts:
             row, ours = f"decode @{context:>6} {dtype} |", None
             for impl in args.impl:
                 if impl == "flex_attention":
                     continue  # decode through flex recompiles per length: not a fair peer here
-                r = run_cell_in_subprocess(os.path.abspath(__file__), dict(impl=impl, task="decode", n=context, dtype=dtype, path=path, steps=args.steps),
+                r = run_cell_in_subprocess(os.path.abspath(__file__), dict(impl=impl, task="decode", n=context, dtype=dtype, path=path, steps=args.steps, chunk=args.chunk),
                            args.timeout)
                 if "tokens_per_s" not in r:
                     row += f" {impl}: {r['error']} |"

@@ -87,6 +87,16 @@ def available() -> bool:
         return False
 
 
+def native_bf16(enable: bool | None = None) -> bool:
+    """Whether bf16 forwards run on the CPU's bf16 instructions (AVX512_BF16), built here.
+
+    Without them (or with ``native_bf16(False)``, for comparisons) bf16 inputs are converted
+    to fp32 tile by tile. ``enable`` switches the native path on or off for this process.
+    """
+    load()
+    return bool(torch.ops.swattn.native_bf16(-1 if enable is None else int(enable)))
+
+
 def block_q_for(groups: int) -> int:
     """Queries per block: about ROWS matrix rows once the grouped heads are folded in."""
     return max(1, ROWS // groups)

@@ -14,12 +14,17 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 extern "C" {
 // BLAS as linked into libtorch_cpu (MKL on x86): column-major Fortran sgemm, and MKL's
@@ -269,6 +274,277 @@ struct SingleThreadedBlas {
   }
 };
 
+// ---------------------------------------------------------------------------------------
+// Native bf16 forward (AVX512_BF16: vdpbf16ps multiplies pairs of bf16 into fp32 sums at
+// twice the fp32 FMA rate). Used for bf16 inputs with more than kSmallRows rows per item,
+// when this build targets a CPU that has the instructions. MKL's bf16 GEMM is no faster
+// than its sgemm on AMD CPUs, so these are our own small kernels:
+//   S^T (keys x rows) = K Q^T    K read in place, Q packed once per item as row pairs
+//   one pass per 16 rows over S^T: scale, soft-cap, mask (exact, by position), max;
+//   a second: exp, sum, P rounded to bf16 (as flash-attention does for P V)
+//   Acc (rows x D) += P V         P and V packed as key pairs
+// Rows are padded to a multiple of 32 and D to a multiple of 32 inside the work item, so
+// the kernels have no ragged edges except the key count (a template over 1..12 keys).
+#if defined(__AVX512BF16__)
+constexpr bool kNativeBf16Build = true;
+
+constexpr int64_t kNativeKeys = 256;  // keys per sub-tile: S^T, P and V pairs stay in L2
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+inline uint32_t bf16_bits(const c10::BFloat16& x) { return static_cast<uint32_t>(x.x); }
+
+// e^x for 16 lanes, the same polynomial as fast_exp; 2^n applied with scalef.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-87.0f), _mm512_min_ps(x, _mm512_set1_ps(88.0f)));
+  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(y, n);
+}
+
+// cap * tanh(x / cap) for 16 lanes.
+inline __m512 softcap16(__m512 x, float cap) {
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.0f / cap));
+  const __m512 sign = _mm512_and_ps(t, _mm512_castsi512_ps(_mm512_set1_epi32(0x80000000)));
+  const __m512 a = _mm512_andnot_ps(_mm512_castsi512_ps(_mm512_set1_epi32(0x80000000)), t);
+  const __m512 e = exp16(_mm512_mul_ps(a, _mm512_set1_ps(-2.0f)));
+  const __m512 th = _mm512_div_ps(_mm512_sub_ps(_mm512_set1_ps(1.0f), e), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+  return _mm512_mul_ps(_mm512_or_ps(th, sign), _mm512_set1_ps(cap));
+}
+
+// S^T rows [0, J) for J keys: st[j][r] = sum_d K[j][d] Q[r][d], r over rp (multiple of 32).
+// k: J rows of D bf16; qp: (pairs x rp) uint32, pair p of row r = (Q[r][2p], Q[r][2p+1]).
+template <int J>
+inline void st_kernel(const c10::BFloat16* k, int64_t D, const uint32_t* qp, int64_t rp, float* st) {
+  const int64_t full = D / 2;
+  for (int64_t r0 = 0; r0 < rp; r0 += 32) {
+    __m512 acc[J][2];
+    for (int j = 0; j < J; ++j) acc[j][0] = acc[j][1] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < full; ++p) {
+      const __m512bh b0 = (__m512bh)_mm512_loadu_si512(qp + p * rp + r0);
+      const __m512bh b1 = (__m512bh)_mm512_loadu_si512(qp + p * rp + r0 + 16);
+      for (int j = 0; j < J; ++j) {
+        uint32_t pair;
+        std::memcpy(&pair, k + j * D + 2 * p, sizeof(pair));
+        const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+        acc[j][0] = _mm512_dpbf16_ps(acc[j][0], a, b0);
+        acc[j][1] = _mm512_dpbf16_ps(acc[j][1], a, b1);
+      }
+    }
+    if (D % 2) {  // the last, unpaired dimension: its partner is zero (never memory past the row)
+      const __m512bh b0 = (__m512bh)_mm512_loadu_si512(qp + full * rp + r0);
+      const __m512bh b1 = (__m512bh)_mm512_loadu_si512(qp + full * rp + r0 + 16);
+      for (int j = 0; j < J; ++j) {
+        const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(bf16_bits(k[j * D + D - 1])));
+        acc[j][0] = _mm512_dpbf16_ps(acc[j][0], a, b0);
+        acc[j][1] = _mm512_dpbf16_ps(acc[j][1], a, b1);
+      }
+    }
+    for (int j = 0; j < J; ++j) {
+      _mm512_storeu_ps(st + j * rp + r0, acc[j][0]);
+      _mm512_storeu_ps(st + j * rp + r0 + 16, acc[j][1]);
+    }
+  }
+}
+
+constexpr int kStKeys = 12;
+
+template <int J>
+inline void st_rest(const c10::BFloat16* k, int64_t D, const uint32_t* qp, int64_t rp, float* st, int rest) {
+  if constexpr (J > 0) {
+    if (rest == J) return st_kernel<J>(k, D, qp, rp, st);
+    st_rest<J - 1>(k, D, qp, rp, st, rest);
+  }
+}
+
+// S^T for kn keys (rows of D, contiguous).
+inline void scores_t(const c10::BFloat16* k, int64_t kn, int64_t D, const uint32_t* qp, int64_t rp, float* st) {
+  int64_t j = 0;
+  for (; j + kStKeys <= kn; j += kStKeys) st_kernel<kStKeys>(k + j * D, D, qp, rp, st + j * rp);
+  if (j < kn) st_rest<kStKeys - 1>(k + j * D, D, qp, rp, st + j * rp, static_cast<int>(kn - j));
+}
+
+// acc (rp x dp) += P V: pp (key pairs x rp) and vp (key pairs x dp) as uint32 bf16 pairs.
+inline void pv_kernel(const uint32_t* pp, const uint32_t* vp, int64_t pairs, int64_t rp, int64_t dp, float* acc) {
+  constexpr int R = 8;
+  for (int64_t d0 = 0; d0 < dp; d0 += 32) {
+    for (int64_t r0 = 0; r0 < rp; r0 += R) {
+      __m512 c[R][2];
+      for (int r = 0; r < R; ++r) {
+        c[r][0] = _mm512_loadu_ps(acc + (r0 + r) * dp + d0);
+        c[r][1] = _mm512_loadu_ps(acc + (r0 + r) * dp + d0 + 16);
+      }
+      for (int64_t p = 0; p < pairs; ++p) {
+        const __m512bh b0 = (__m512bh)_mm512_loadu_si512(vp + p * dp + d0);
+        const __m512bh b1 = (__m512bh)_mm512_loadu_si512(vp + p * dp + d0 + 16);
+        const uint32_t* a_row = pp + p * rp + r0;
+        for (int r = 0; r < R; ++r) {
+          const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(a_row[r]));
+          c[r][0] = _mm512_dpbf16_ps(c[r][0], a, b0);
+          c[r][1] = _mm512_dpbf16_ps(c[r][1], a, b1);
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        _mm512_storeu_ps(acc + (r0 + r) * dp + d0, c[r][0]);
+        _mm512_storeu_ps(acc + (r0 + r) * dp + d0 + 16, c[r][1]);
+      }
+    }
+  }
+}
+
+// Pairs of consecutive V rows, interleaved: vp[p][d] = (V[2p][d], V[2p+1][d]); zeros past kn and D.
+inline void pack_v(const c10::BFloat16* v, int64_t kn, int64_t D, int64_t dp, uint32_t* vp) {
+  for (int64_t p = 0; p < (kn + 1) / 2; ++p) {
+    const c10::BFloat16* v0 = v + 2 * p * D;
+    const bool has1 = 2 * p + 1 < kn;
+    uint32_t* out = vp + p * dp;
+    int64_t d = 0;
+    for (; d + 16 <= D; d += 16) {
+      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + d)));
+      const __m512i hi = has1 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + D + d)))
+                              : _mm512_setzero_si512();
+      _mm512_storeu_si512(out + d, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+    for (; d < D; ++d) out[d] = bf16_bits(v0[d]) | (has1 ? bf16_bits(v0[D + d]) << 16 : 0u);
+    for (; d < dp; ++d) out[d] = 0;
+  }
+}
+
+// Sixteen bf16 (as fp32 lanes) rounded to nearest even, in the low 16 bits of each lane.
+inline __m512i to_bf16_lanes(__m512 x) { return _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)); }
+
+struct NativeScratch {
+  std::vector<uint32_t> qp, pp, vp;
+  std::vector<float> st, acc, m, l;
+  std::vector<int64_t> pos;  // per padded row: its query position (padding rows: none visible)
+};
+
+// One work item of the bf16 forward: queries [i0, i0 + n) of all heads of kv head hk.
+inline void native_item(const Problem& pb, const c10::BFloat16* q, const c10::BFloat16* k, const c10::BFloat16* v,
+                        c10::BFloat16* out, float* lse, int64_t b, int64_t hk, int64_t qb, int64_t i0, int64_t n,
+                        NativeScratch& sc) {
+  const int64_t D = pb.D, rows = pb.G * n, rp = round_up(rows, 32), dp = round_up(D, 32), pairs_d = (D + 1) / 2;
+  sc.qp.assign(pairs_d * rp, 0u);
+  sc.pos.assign(rp, std::numeric_limits<int64_t>::min() / 4);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t g = r / n, i = r % n;
+    sc.pos[r] = pb.q_position(b, i0 + i);
+    const c10::BFloat16* src = q + ((b * pb.H + hk * pb.G + g) * pb.Lq + i0 + i) * D;
+    for (int64_t p = 0; p < pairs_d; ++p) {
+      const uint32_t hi = 2 * p + 1 < D ? bf16_bits(src[2 * p + 1]) : 0u;
+      sc.qp[p * rp + r] = bf16_bits(src[2 * p]) | (hi << 16);
+    }
+  }
+  sc.acc.assign(rp * dp, 0.0f);
+  sc.m.assign(rp, kNegInf);
+  sc.l.assign(rp, 0.0f);
+  sc.st.resize(kNativeKeys * rp);
+  sc.pp.resize((kNativeKeys / 2) * rp);
+  sc.vp.resize((kNativeKeys / 2) * dp);
+  const __m512 scale = _mm512_set1_ps(pb.scale), neg_inf = _mm512_set1_ps(kNegInf);
+  const bool windowed = pb.window > 0;
+
+  for (int64_t range = pb.block_ptr[qb]; range < pb.block_ptr[qb + 1]; ++range) {
+    for (int64_t j0 = pb.ranges[2 * range]; j0 < pb.ranges[2 * range + 1]; j0 += kNativeKeys) {
+      const int64_t kn = std::min(kNativeKeys, pb.ranges[2 * range + 1] - j0), kpairs = (kn + 1) / 2;
+      const int64_t* kpos = pb.k_pos ? pb.k_pos + b * pb.Lk + j0 : nullptr;
+      float* st = sc.st.data();
+      scores_t(k + b * pb.k_sb + hk * pb.k_sh + j0 * D, kn, D, sc.qp.data(), rp, st);
+      pack_v(v + b * pb.v_sb + hk * pb.v_sh + j0 * D, kn, D, dp, sc.vp.data());
+
+      for (int64_t r0 = 0; r0 < rp; r0 += 16) {
+        // This vector's 16 query positions (two halves of 8 int64) and the window's lower edge.
+        const __m512i p_lo = _mm512_loadu_si512(sc.pos.data() + r0), p_hi = _mm512_loadu_si512(sc.pos.data() + r0 + 8);
+        const __m512i w = _mm512_set1_epi64(windowed ? pb.window : 0);
+        const __m512i e_lo = _mm512_sub_epi64(p_lo, w), e_hi = _mm512_sub_epi64(p_hi, w);
+        auto visible = [&](int64_t j) -> __mmask16 {
+          const int64_t kp = kpos ? kpos[j] : j0 + j;
+          if (kp < 0) return 0;
+          const __m512i kv = _mm512_set1_epi64(kp);
+          __mmask8 lo = _mm512_cmp_epi64_mask(kv, p_lo, _MM_CMPINT_LE);
+          __mmask8 hi = _mm512_cmp_epi64_mask(kv, p_hi, _MM_CMPINT_LE);
+          if (windowed) {
+            lo &= _mm512_cmp_epi64_mask(kv, e_lo, _MM_CMPINT_NLE);
+            hi &= _mm512_cmp_epi64_mask(kv, e_hi, _MM_CMPINT_NLE);
+          }
+          return static_cast<__mmask16>(lo | (static_cast<unsigned>(hi) << 8));
+        };
+        // Pass 1: scale, soft-cap, running max over the visible keys.
+        __m512 mx = neg_inf;
+        for (int64_t j = 0; j < kn; ++j) {
+          __m512 s = _mm512_mul_ps(_mm512_loadu_ps(st + j * rp + r0), scale);
+          if (pb.softcap > 0) s = softcap16(s, pb.softcap);
+          _mm512_storeu_ps(st + j * rp + r0, s);
+          mx = _mm512_mask_max_ps(mx, visible(j), mx, s);
+        }
+        const __m512 m_old = _mm512_loadu_ps(sc.m.data() + r0);
+        const __m512 m_new = _mm512_max_ps(m_old, mx);
+        // Rows whose maximum grew rescale what earlier tiles gave (exp(-inf) = 0 where none yet).
+        const __mmask16 grew = _mm512_cmp_ps_mask(m_new, m_old, _CMP_NEQ_OQ) &
+                               _mm512_cmp_ps_mask(m_old, neg_inf, _CMP_NEQ_OQ);
+        if (grew) {
+          alignas(64) float corr[16];
+          _mm512_store_ps(corr, exp16(_mm512_sub_ps(m_old, m_new)));
+          for (int u = 0; u < 16; ++u) {
+            if (!((grew >> u) & 1)) continue;
+            sc.l[r0 + u] *= corr[u];
+            float* ar = sc.acc.data() + (r0 + u) * dp;
+            for (int64_t d = 0; d < dp; ++d) ar[d] *= corr[u];
+          }
+        }
+        _mm512_storeu_ps(sc.m.data() + r0, m_new);
+        // Pass 2: P = exp(s - m) on visible keys, its row sums, P as bf16 key pairs.
+        const __mmask16 live = _mm512_cmp_ps_mask(m_new, neg_inf, _CMP_NEQ_OQ);
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < kn; j += 2) {
+          const __m512 e0 = _mm512_maskz_mov_ps(visible(j) & live, exp16(_mm512_sub_ps(_mm512_loadu_ps(st + j * rp + r0), m_new)));
+          __m512 e1 = _mm512_setzero_ps();
+          if (j + 1 < kn) {
+            e1 = _mm512_maskz_mov_ps(visible(j + 1) & live,
+                                     exp16(_mm512_sub_ps(_mm512_loadu_ps(st + (j + 1) * rp + r0), m_new)));
+          }
+          sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
+          const __m512i pair = _mm512_or_si512(to_bf16_lanes(e0), _mm512_slli_epi32(to_bf16_lanes(e1), 16));
+          _mm512_storeu_si512(sc.pp.data() + (j / 2) * rp + r0, pair);
+        }
+        _mm512_storeu_ps(sc.l.data() + r0, _mm512_add_ps(_mm512_loadu_ps(sc.l.data() + r0), sum));
+      }
+      pv_kernel(sc.pp.data(), sc.vp.data(), kpairs, rp, dp, sc.acc.data());
+    }
+  }
+
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t g = r / n, i = r % n, h = hk * pb.G + g;
+    c10::BFloat16* o = out + ((b * pb.H + h) * pb.Lq + i0 + i) * D;
+    float* lr = lse + (b * pb.H + h) * pb.Lq + i0 + i;
+    if (sc.l[r] > 0.0f) {
+      from_float(sc.acc.data() + r * dp, o, D, 1.0f / sc.l[r]);
+      *lr = sc.m[r] + std::log(sc.l[r]);
+    } else {
+      std::fill(o, o + D, static_cast<c10::BFloat16>(0.0f));
+      *lr = kNegInf;
+    }
+  }
+}
+#else
+constexpr bool kNativeBf16Build = false;
+struct NativeScratch {};
+inline void native_item(const Problem&, const c10::BFloat16*, const c10::BFloat16*, const c10::BFloat16*,
+                        c10::BFloat16*, float*, int64_t, int64_t, int64_t, int64_t, int64_t, NativeScratch&) {}
+#endif
+
+// Whether bf16 forwards take the native path (on by default where built; off for comparisons).
+std::atomic<bool> g_native_bf16{true};
+
 template <typename T>
 void forward_kernel(const Problem& pb, const T* q, const T* k, const T* v, T* out, float* lse) {
   const int64_t rows_max = pb.G * pb.block_q;
@@ -282,6 +558,8 @@ void forward_kernel(const Problem& pb, const T* q, const T* k, const T* v, T* ou
       kbuf.resize(pb.max_kn * pb.D);
       vbuf.resize(pb.max_kn * pb.D);
     }
+    NativeScratch native;
+    const bool use_native = kNativeBf16Build && std::is_same_v<T, c10::BFloat16> && g_native_bf16.load();
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / (pb.Hkv * pb.n_qblocks);
       const int64_t hk = (item / pb.n_qblocks) % pb.Hkv;
@@ -289,6 +567,12 @@ void forward_kernel(const Problem& pb, const T* q, const T* k, const T* v, T* ou
       const int64_t i0 = qb * pb.block_q;
       const int64_t n = std::min(pb.block_q, pb.Lq - i0);
       const int64_t rows = pb.G * n;
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (use_native && rows > kSmallRows) {
+          native_item(pb, q, k, v, out, lse, b, hk, qb, i0, n, native);
+          continue;
+        }
+      }
       for (int64_t i = 0; i < n; ++i) qp[i] = pb.q_position(b, i0 + i);
       load_rows(q, pb, b, hk, i0, n, qt.data());
       std::fill(m.begin(), m.begin() + rows, kNegInf);
@@ -548,10 +832,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   return {dq, dk, dv};
 }
 
+// enable: 1 / 0 switches the native bf16 forward on / off, -1 leaves it; gives whether it is on.
+bool native_bf16(int64_t enable) {
+  if (enable >= 0) g_native_bf16.store(enable != 0);
+  return kNativeBf16Build && g_native_bf16.load();
+}
+
 }  // namespace
 }  // namespace swattn
 
 TORCH_LIBRARY(swattn, m) {
+  m.def("native_bf16(int enable) -> bool", &swattn::native_bf16);
   m.def("forward(Tensor q, Tensor k, Tensor v, Tensor? q_pos, Tensor? k_pos, int window, float softcap, "
         "float scale, int block_q, Tensor block_ptr, Tensor ranges) -> (Tensor, Tensor)");
   m.def("backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor dout, Tensor? q_pos, "
