@@ -37,7 +37,7 @@ def prefill_flops(n: int) -> float:
     h, f, heads, kv, d, vocab = (SHAPE[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
                                                      "num_key_value_heads", "head_dim", "vocab_size"))
     per_token = 2 * (h * heads * d * 2 + h * kv * d * 2 + 3 * h * f)  # q, o, k, v, gate/up/down
-    dense = 2 * per_token * n + 2 * h * vocab * n
+    dense = 2 * per_token * n + 2 * h * vocab  # the LM head for the last position only
     attention = attention_flops(n, SHAPE["sliding_window"], heads, d) + attention_flops(n, None, heads, d)
     return dense + attention
 
@@ -137,8 +137,8 @@ def run_cell(cell: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="swattn bench model", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="prefill 4096 tokens, decode after 2048, fp32")
-    parser.add_argument("--n", type=int, nargs="+", default=[4096, 16384, 32768, 131072], help="prefill lengths")
-    parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 16384], help="decode after these")
+    parser.add_argument("--n", type=int, nargs="*", default=[4096, 16384, 32768, 131072], help="prefill lengths")
+    parser.add_argument("--contexts", type=int, nargs="*", default=[2048, 16384], help="decode after these")
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--impl", nargs="+", choices=IMPLS, default=list(IMPLS))
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed")

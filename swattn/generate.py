@@ -92,7 +92,8 @@ def generate(
         sampling: greedy, or temperature / top-k / top-p with a seed.
         stop_tokens: ids that end a row (the stop token is kept in its output).
         chunk_size: prompt tokens per prefill step (memory stays bounded for any length).
-        capacity: positions to preallocate for global layers (None: grow as needed).
+        capacity: positions to preallocate for global layers (None: the longest prompt plus
+            ``max_new_tokens``, known up front, so a global cache never grows by copying).
         on_step: called after each decode step with each row's new token (None once done): streaming.
         on_prefill: called with (tokens prefilled, total) after each prefill chunk: progress.
 
@@ -112,7 +113,7 @@ def generate(
         ids[row, longest - len(prompt):] = torch.tensor(list(prompt), dtype=torch.int64)
         pos[row, longest - len(prompt):] = torch.arange(len(prompt))
     generator = None if sampling.seed is None else torch.Generator(device=device).manual_seed(sampling.seed)
-    cache = model.new_cache(batch, capacity=capacity)
+    cache = model.new_cache(batch, capacity=capacity or longest + max_new_tokens)
     stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts), tokens=[[] for _ in prompts])
     stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.int64, device=device)
 

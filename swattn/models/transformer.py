@@ -25,9 +25,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        xf = x.float()
+        # mean(x^2) from the norm: one read of x instead of writing x^2 out and reading it back
+        ms = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square() / x.shape[-1]
+        y = xf * torch.rsqrt(ms + self.eps)
         if self.plus_one:
-            return (y * (1.0 + self.weight.float())).to(x.dtype)
+            return y.mul_(1.0 + self.weight.float()).to(x.dtype)
         return self.weight * y.to(x.dtype)  # Llama/Mistral order: cast, then the gain
 
 
@@ -40,10 +43,21 @@ def rotary(pos: torch.Tensor, head_dim: int, rope: Rope) -> tuple[torch.Tensor, 
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates ``x`` ``(batch, heads, seq, head_dim)`` in the split-half ("rotate_half") layout."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    """Rotates ``x`` ``(batch, heads, seq, head_dim)`` in the split-half ("rotate_half") layout.
+
+    ``x * cos + rotate_half(x) * sin``, written into a contiguous result (the layout the
+    attention op takes, so it need not copy) without building ``rotate_half(x)``.
+    """
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    half = x.shape[-1] // 2
+    if torch.is_grad_enabled() and x.requires_grad:  # out= has no autograd: the plain formula
+        return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+    x1, x2 = x[..., :half], x[..., half:]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    torch.mul(x, cos, out=out)
+    out[..., :half].addcmul_(x2, sin[..., :half], value=-1)
+    out[..., half:].addcmul_(x1, sin[..., half:])
+    return out
 
 
 class Attention(nn.Module):
