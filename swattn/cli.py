@@ -100,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="side-by-side benchmarks against peers",
                            description="Runs benchmarks/NAME.py; options after NAME go to it (try NAME --help).")
     bench.add_argument("name", choices=BENCHMARKS)
+    # everything after NAME (its --help included) belongs to the benchmark script
+    bench.add_argument("options", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        rest = args.options + rest
     if args.version:
         from swattn import __version__
 

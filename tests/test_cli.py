@@ -32,3 +32,11 @@ def test_bench_cache_runs_and_checks_ring_memory(capsys):
     out = capsys.readouterr().out
     assert "identical, same buffer" in out
     assert len([line for line in out.splitlines() if line.lstrip().startswith(("64 ", "256 "))]) == 2
+
+
+@pytest.mark.parametrize("name,option", [("model", "--chunk"), ("transformers", "--train")])
+def test_bench_help_is_the_scripts_own(name, option, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", name, "--help"])
+    assert exit_.value.code == 0
+    assert option in capsys.readouterr().out
