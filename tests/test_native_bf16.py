@@ -62,3 +62,18 @@ def test_agrees_with_the_fp32_path():
         cpu.native_bf16(True)
     assert (native.float() - converted.float()).abs().max().item() < 2e-2
     assert not torch.equal(native, converted)  # two paths really ran
+
+
+def test_keys_that_are_a_prefix_of_a_larger_buffer():
+    """A full cache hands over a prefix view of its buffer (batch and head strides larger than
+    the keys); the native path must read it in place."""
+    big_k, big_v = torch.randn(2, 2, 900, 64).bfloat16(), torch.randn(2, 2, 900, 64).bfloat16()
+    k, v = big_k[:, :, :517], big_v[:, :, :517]
+    assert not k.is_contiguous()
+    q = torch.randn(2, 4, 100, 64).bfloat16()
+    got = swattn.sliding_window_attention(q, k, v, 300, softcap=30.0, backend="cpu")
+    want = swattn.sliding_window_attention(q, k.contiguous(), v.contiguous(), 300, softcap=30.0, backend="cpu")
+    assert torch.equal(got, want)
+    ref = swattn.reference_attention(q.double(), k.double(), v.double(), 300, softcap=30.0)
+    low = swattn.reference_attention(q, k, v, 300, softcap=30.0, compute_dtype=torch.bfloat16)
+    assert_matches_oracle([got], [ref], [low])
