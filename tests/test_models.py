@@ -139,3 +139,25 @@ def test_last_only_gives_the_last_positions_logits(pair):
     ids = torch.randint(0, 256, (2, 11))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids, last_only=True), ours(ids)[:, -1:], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_bfloat16_is_as_close_to_fp32_as_transformers_own_bfloat16(family, tmp_path):
+    """Loaded in bf16 (the native bf16 attention where the CPU has it), whole and in chunks
+    through the caches: no further from the fp32 logits than transformers' eager bf16 is."""
+    hf = tiny_hf_model(family)
+    hf.save_pretrained(tmp_path)
+    ids = torch.randint(0, 256, (2, 6 * WINDOW + 3))
+    with torch.no_grad():
+        exact = hf(ids).logits.double()
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path, attn_implementation="eager", dtype=torch.bfloat16)(ids).logits.double()
+        ours = load(tmp_path, dtype=torch.bfloat16)
+        whole = ours(ids).double()
+        cache = ours.new_cache(2)
+        chunks = [ours(ids[:, s : s + 10], torch.arange(s, min(s + 10, ids.shape[1])).expand(2, -1), cache)
+                  for s in range(0, ids.shape[1], 10)]
+    assert ours.embed_tokens.weight.dtype == torch.bfloat16
+    their_err = (theirs - exact).abs().max().item()
+    for got in (whole, torch.cat(chunks, dim=1).double()):
+        assert (got - exact).abs().max().item() <= 2 * their_err
