@@ -106,12 +106,22 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.act = F.silu if cfg.activation == "silu" else lambda t: F.gelu(t, approximate="tanh")
+        self.silu = cfg.activation == "silu"
 
     def forward(self, x):
-        if x.shape[1] <= self.CHUNK:
-            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-        return torch.cat([self.forward(part) for part in x.split(self.CHUNK, dim=1)], dim=1)
+        if x.shape[1] > self.CHUNK:
+            return torch.cat([self.forward(part) for part in x.split(self.CHUNK, dim=1)], dim=1)
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if torch.is_grad_enabled() and x.requires_grad:
+            act = F.silu(gate) if self.silu else F.gelu(gate, approximate="tanh")
+            return self.down_proj(act * up)
+        # inference: activation and product in the gate's buffer, not two more (tokens x
+        # intermediate) tensors, each a fresh mmap that the kernel must fault in and zero
+        if self.silu:
+            torch.ops.aten.silu_(gate)
+        else:
+            torch.ops.aten.gelu_(gate, approximate="tanh")
+        return self.down_proj(gate.mul_(up))
 
 
 class Block(nn.Module):
