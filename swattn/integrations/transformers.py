@@ -4,7 +4,9 @@
 ``AttentionInterface``; then ``from_pretrained(..., attn_implementation="swattn")`` (or
 ``model.set_attn_implementation("swattn")``) runs every attention layer through
 :func:`swattn.sliding_window_attention`: local layers with their window, global layers
-causal, the layer's soft-cap and scaling, K/V heads never repeated, and a backward.
+causal, the layer's soft-cap and scaling, K/V heads never repeated, and a backward. It also
+registers a mask builder under the same name, so that layers receive key and query
+positions (:func:`_positions_mask`) rather than a (queries x keys) boolean mask.
 transformers stays optional: nothing here is imported by ``import swattn``.
 """
 
