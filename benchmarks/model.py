@@ -77,13 +77,16 @@ def _prefill(impl, model, ids, chunk):
     than building one) and keep one position's logits.
     """
     if impl == "swattn":
-        n = ids.shape[1]
-        cache = model.new_cache(1, capacity=n)
-        for start in range(0, n, chunk):
-            part = ids[:, start : start + chunk]
-            logits = model(part, torch.arange(start, start + part.shape[1]).view(1, -1), cache, last_only=True)
-        return logits
+        return _fill_swattn_cache(model, ids, chunk, model.new_cache(1, capacity=ids.shape[1]))
     return model(ids, use_cache=False, logits_to_keep=1).logits
+
+
+def _fill_swattn_cache(model, ids, chunk, cache):
+    """Feeds ``ids`` (batch 1) through swattn's caches ``chunk`` tokens at a time; gives the last logits."""
+    for start in range(0, ids.shape[1], chunk):
+        part = ids[:, start : start + chunk]
+        logits = model(part, torch.arange(start, start + part.shape[1]).view(1, -1), cache, last_only=True)
+    return logits
 
 
 def _fill_peer_cache(model, ids, chunk):
@@ -117,10 +120,8 @@ def run_cell(cell: dict) -> dict:
     ids = torch.randint(0, SHAPE["vocab_size"], (1, context + steps), generator=gen)
     with torch.inference_mode():
         if cell["impl"] == "swattn":
-            cache = model.new_cache(1)
-            for s0 in range(0, context, cell["chunk"]):
-                part = ids[:, s0 : min(context, s0 + cell["chunk"])]
-                model(part, torch.arange(s0, s0 + part.shape[1]).view(1, -1), cache, last_only=True)
+            cache = model.new_cache(1, capacity=context + steps)
+            _fill_swattn_cache(model, ids[:, :context], cell["chunk"], cache)
             start = time.perf_counter()
             for i in range(steps):
                 model(ids[:, context + i : context + i + 1], torch.tensor([[context + i]]), cache)
