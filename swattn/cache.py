@@ -213,12 +213,13 @@ class FullCache(_LayerCache):
         capacity: positions to preallocate (static shapes for fast decode); going past it is
             an error. None: start small and grow by doubling.
         dtype, device: of the stored keys and values.
+        window: None for a global layer; a local layer's window keeps every token but
+            attends over the window (what a cache without rings does: the demo's comparison).
     """
 
-    window = None
-
     def __init__(self, batch: int, heads_kv: int, head_dim: int, capacity: int | None = None, *,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", window: int | None = None):
+        self.window = check_window(window)  # a local layer's window over every token kept (for comparisons)
         if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
             raise ValueError(f"capacity must be an int >= 1 or None, got {capacity!r}")
         self.capacity = capacity
@@ -293,14 +294,16 @@ class ModelCache:
         windows: per layer, its window (a :class:`RingCache`) or None (a :class:`FullCache`).
         batch, heads_kv, head_dim, dtype, device: as for the layer caches.
         capacity: for the global layers (None: grow by doubling).
+        rings: False keeps every token in local layers too (full caches attending over their
+            window): the memory a cache without rings needs, for comparisons.
     """
 
     def __init__(self, windows: Sequence[int | None], batch: int, heads_kv: int, head_dim: int, *,
                  capacity: int | None = None, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", rings: bool = True):
         self.layers: list[_LayerCache] = [
-            RingCache(batch, heads_kv, head_dim, w, dtype=dtype, device=device) if w is not None
-            else FullCache(batch, heads_kv, head_dim, capacity, dtype=dtype, device=device)
+            RingCache(batch, heads_kv, head_dim, w, dtype=dtype, device=device) if w is not None and rings
+            else FullCache(batch, heads_kv, head_dim, capacity, dtype=dtype, device=device, window=w)
             for w in windows
         ]
 

@@ -9,16 +9,25 @@ from pathlib import Path
 
 # name -> script in benchmarks/ (not "transformers.py": run as a script it would shadow the package)
 BENCHMARKS = {"attention": "attention.py", "cache": "cache.py", "model": "model.py",
-              "transformers": "transformers_backend.py"}
+              "transformers": "transformers_backend.py", "train": "train.py",
+              "distributed": "distributed.py"}
 _BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: reported in one line, exit status 2."""
 
 
 def _demo(args: argparse.Namespace) -> int:
     from swattn.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(n=args.n, window=args.window, dense=not args.no_dense)
-    if cfg.n < 1 or cfg.window < 1:
-        raise SystemExit("swattn demo: --n and --window must be >= 1")
+    for name in ("n", "window", "stream_tokens"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.model is not None and not Path(args.model).is_dir():
+        raise UserError(f"--model {args.model}: no such directory")
+    cfg = DemoConfig(n=args.n, window=args.window, dense=not args.no_dense, model=args.model,
+                     stream_tokens=args.stream_tokens, plot=args.plot, tour=not args.op_only)
     return 0 if run_demo(cfg)["ok"] else 1
 
 
@@ -28,15 +37,16 @@ def _generate(args: argparse.Namespace) -> int:
     from swattn.profiling import fmt_bytes
 
     text = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text()
-    model = load(args.model, dtype=args.dtype)
+    model = _load_model(args.model, args.dtype, "generate")
     if model.tokenizer is None:
         raise SystemExit(f"swattn generate: {args.model} has no tokenizer.json")
     ids = model.tokenizer.encode(text).ids
     if not ids:
         raise SystemExit("swattn generate: the prompt encodes to no tokens")
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    generated: list[int] = []
-    shown = ""
+    from swattn.streaming import TextStream
+
+    stream_text = TextStream(model.tokenizer)
 
     def progress(done: int, total: int) -> None:
         if total > args.chunk_size:  # a prompt in several chunks: show a progress bar
@@ -45,21 +55,134 @@ def _generate(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
 
     def stream(tokens: list[int | None]) -> None:
-        nonlocal shown
-        if tokens[0] is None:
-            return
-        generated.append(tokens[0])
-        text_now = model.tokenizer.decode(generated)  # whole text: multi-token characters come out right
-        print(text_now[len(shown):], end="", flush=True)
-        shown = text_now
+        if tokens[0] is not None:  # multi-token characters are held back until complete
+            print(stream_text.push(tokens[0]), end="", flush=True)
 
     stats = generate(model, [ids], max_new_tokens=args.max_new_tokens, sampling=sampling,
                      stop_tokens=model.stop_tokens, chunk_size=args.chunk_size, on_step=stream, on_prefill=progress)
-    print(flush=True)
+    print(stream_text.finish(), flush=True)
     print(f"prefill: {stats.prompt_tokens:,} tokens in {stats.prefill_seconds:.2f} s "
           f"({stats.prefill_tokens_per_s:.1f} tokens/s); decode: {stats.new_tokens:,} tokens in "
           f"{stats.decode_seconds:.2f} s ({stats.decode_tokens_per_s:.1f} tokens/s); "
           f"cache memory {fmt_bytes(stats.cache_bytes)}", file=sys.stderr)
+    return 0
+
+
+def _load_model(path: str | None, dtype: str, command: str):
+    """Loads ``--model`` (or the built-in model, saying so)."""
+    from swattn.models.loading import BUILTIN, load
+
+    if path is None:
+        if not (BUILTIN / "config.json").exists():
+            raise UserError(f"no --model given and the built-in model is missing from {BUILTIN}")
+        print(f"swattn {command}: using the built-in model (a small Gemma 2 trained on Python's standard library; "
+              "--model DIR for another)", file=sys.stderr)
+    elif not Path(path).is_dir():
+        raise UserError(f"--model {path}: no such directory")
+    return load(path, dtype=dtype)
+
+
+def _perplexity(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from swattn import distributed
+    from swattn.perplexity import evaluate, plot_by_position
+
+    distributed.init_from_torchrun()
+    rank, world = distributed.world()
+
+    if args.context is not None and args.context < 2:
+        raise UserError(f"--context must be >= 2, got {args.context}")
+    if args.chunk_size < 1:
+        raise UserError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    windows = [None if w in ("full", "none") else _positive_int(w, "--window") for w in (args.window or [])]
+    try:
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise UserError(f"--file {args.file}: {exc.strerror or exc}") from None
+    model = _load_model(args.model, args.dtype, "perplexity")
+    if model.tokenizer is None:
+        raise UserError(f"{model.path} has no tokenizer.json")
+    base = None
+    if args.kl_base:
+        base_path = None if args.kl_base in ("float32", "bfloat16") else args.kl_base
+        base = _load_model(base_path or args.model, args.kl_base if base_path is None else "float32", "perplexity")
+    ids = model.tokenizer.encode(text, add_special_tokens=False).ids
+    if len(ids) < 2:
+        raise UserError(f"--file {args.file} holds {len(ids)} token(s): nothing to predict")
+    context = args.context or min(len(ids) + 1, _max_positions(model))
+    own = model.cfg.windows
+    runs = windows or ["own"]
+    results = []
+    if rank == 0:
+        print(f"{len(ids):,} tokens in segments of {context:,}; local windows {sorted({w for w in own if w})} "
+              f"(the model's own), global layers {sum(w is None for w in own)} of {len(own)}"
+              + (f"; each segment split across {world} ranks" if world > 1 else ""), file=sys.stderr)
+    for w in runs:
+        if w != "own":
+            model.set_local_window(w)
+        with tqdm(total=len(ids), unit="tok", desc=f"window {w}", disable=not sys.stderr.isatty() or rank != 0,
+                  leave=False) as bar:
+            results.append(evaluate(model, ids, context=context, chunk_size=args.chunk_size, base=base,
+                                    tokenizer=model.tokenizer, on_progress=bar.update))
+    if rank != 0:
+        return 0
+    header = f"{'window':>8} {'tokens':>10} {'loss':>8} {'perplexity':>11} {'bits/byte':>10}"
+    if base is not None:
+        header += f" {'KL vs base':>11} {'top-1 agree':>12}"
+    print(header)
+    for r in results:
+        row = (f"{'full' if r.window is None else r.window:>8} {r.tokens:>10,} {r.loss:>8.4f} {r.perplexity:>11.3f} "
+               f"{r.bits_per_byte:>10.4f}")
+        if base is not None:
+            row += f" {r.mean_kl:>11.5f} {100 * r.top1_agreement:>11.2f}%"
+        print(row)
+    if args.plot:
+        plot_by_position(results, args.plot, title=f"{Path(args.file).name}: loss by position, context {context}")
+        print(f"plot: {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _positive_int(text: str, option: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise UserError(f"{option}: {text!r} is not an integer (or 'full')") from None
+    if value < 1:
+        raise UserError(f"{option} must be >= 1, got {value}")
+    return value
+
+
+def _max_positions(model) -> int:
+    import json
+
+    config = json.loads((model.path / "config.json").read_text())
+    return config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings") or 8192
+
+
+def _train(args: argparse.Namespace) -> int:
+    from swattn.training.trainer import TrainArgs, parse_duration, train
+
+    given = {k: getattr(args, k) for k in ("preset", "config", "init", "tokenizer", "context", "window", "steps",
+                                           "batch", "lr", "warmup", "eval_every", "save_every", "precision",
+                                           "save_dtype", "seed")}
+    for name in ("context", "window", "steps", "batch", "warmup", "eval_every", "save_every"):
+        if given[name] is not None and given[name] < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {given[name]}")
+    if given["lr"] is not None and given["lr"] <= 0:
+        raise UserError(f"--lr must be > 0, got {given['lr']}")
+    budget = parse_duration(args.time_budget) if args.time_budget else None
+    if budget is not None and budget <= 0:
+        raise UserError(f"--time-budget must be positive, got {args.time_budget!r}")
+    if args.steps is not None and budget is not None:
+        raise UserError("give --steps or --time-budget, not both")
+    if args.init and (args.config or args.preset):
+        raise UserError("--init takes its shape from the checkpoint; drop --preset/--config")
+    defaults = {k: v for k, v in given.items() if v is not None}
+    from swattn import distributed
+
+    distributed.init_from_torchrun()
+    train(TrainArgs(data=args.data, out=args.out, time_budget=budget, resume=args.resume, **defaults))
     return 0
 
 
@@ -81,12 +204,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="swattn", description="Exact sliding-window attention, fast on CPU.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command")
-    demo = sub.add_parser("demo", help="run the op on a long sequence next to dense attention (about a minute)")
+    demo = sub.add_parser("demo", help="a tour on the built-in model: completion, long input through the caches, "
+                                       "the op next to dense attention (about a minute)")
     demo.add_argument("--n", type=int, default=16384, help="sequence length (default 16384)")
     demo.add_argument("--window", type=int, default=4096, help="window (default 4096, Gemma 2's)")
     demo.add_argument("--no-dense", action="store_true", help="skip the dense-attention comparison")
+    demo.add_argument("--model", help="checkpoint directory for the tour (default: the built-in model)")
+    demo.add_argument("--stream-tokens", type=int, default=32768,
+                      help="tokens streamed through the caches in part 2 (default 32768)")
+    demo.add_argument("--plot", default="swattn-demo.png", help="where part 2's plot goes (default swattn-demo.png)")
+    demo.add_argument("--op-only", action="store_true", help="only part 3: the op next to dense attention")
     gen = sub.add_parser("generate", help="generate text from a Gemma 2 / Gemma 3 / Mistral checkpoint directory")
-    gen.add_argument("--model", required=True, help="checkpoint directory (config.json, *.safetensors, tokenizer.json)")
+    gen.add_argument("--model", help="checkpoint directory (config.json, *.safetensors, tokenizer.json); "
+                                      "default: the built-in model")
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text")
     source.add_argument("--prompt-file", help="file holding the prompt (for long documents)")
@@ -97,6 +227,45 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     gen.add_argument("--chunk-size", type=int, default=2048, help="prompt tokens per prefill step")
+    tr = sub.add_parser("train", help="train a Gemma 2 model on text files (or fine-tune a checkpoint)",
+                        description="Trains a Gemma 2 architecture model with swattn's attention, forward and "
+                                    "backward, on CPU; writes a Hugging Face checkpoint directory.")
+    tr.add_argument("--data", nargs="+", required=True,
+                    help="files, directories or globs ('src/**/*.py'); 'stdlib' is this Python's standard library")
+    tr.add_argument("--out", required=True, help="output directory (model, loss.csv, loss.png, checkpoint/)")
+    shape = tr.add_mutually_exclusive_group()
+    shape.add_argument("--preset", choices=["tiny", "small"], help="model size (default small: ~7M parameters)")
+    shape.add_argument("--config", help="a gemma2 config.json giving the model's shape")
+    tr.add_argument("--init", help="checkpoint directory to fine-tune (Gemma 2 / Gemma 3 / Mistral), with its tokenizer")
+    tr.add_argument("--tokenizer", help="tokenizer.json (or a directory holding one) instead of training one")
+    tr.add_argument("--context", type=int, help="tokens per training sequence (preset: 2048)")
+    tr.add_argument("--window", type=int, help="local layers' window (preset: 256); must not exceed --context")
+    length = tr.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimizer steps")
+    length.add_argument("--time-budget", help="train for this long, e.g. 30m, 2h, 1h30m")
+    tr.add_argument("--batch", type=int, help="sequences per step (preset: 16384 tokens per step)")
+    tr.add_argument("--lr", type=float, help="peak learning rate (preset: 2e-3)")
+    tr.add_argument("--warmup", type=int, help="warm-up steps")
+    tr.add_argument("--eval-every", type=int, help="held-out evaluation every N steps (default 50)")
+    tr.add_argument("--save-every", type=int, help="resumable checkpoint every N steps (default 100)")
+    tr.add_argument("--precision", choices=["auto", "bf16", "fp32"],
+                    help="auto (default): bf16 autocast where the CPU has bf16 arithmetic")
+    tr.add_argument("--save-dtype", choices=["bfloat16", "float32"], help="dtype of the saved model (default bfloat16)")
+    tr.add_argument("--seed", type=int, help="initialisation and data order (default 0)")
+    tr.add_argument("--resume", action="store_true", help="continue the checkpoint in --out exactly where it stopped")
+    ppl = sub.add_parser("perplexity", help="perplexity and bits per byte of a text; quality against window",
+                         description="Streams a text through the model's caches in segments of --context tokens "
+                                     "(each from an empty cache, <bos> first) and prints perplexity and bits per byte.")
+    ppl.add_argument("--model", help="checkpoint directory (default: the built-in model)")
+    ppl.add_argument("--file", required=True, help="the text ('-': standard input)")
+    ppl.add_argument("--context", type=int, help="tokens per segment (default: the model's max_position_embeddings)")
+    ppl.add_argument("--window", nargs="+", help="run with every local layer's window set to W (several: one row "
+                                                 "each; 'full' makes them global)")
+    ppl.add_argument("--plot", help="PNG: loss against position in the segment, one line per window")
+    ppl.add_argument("--kl-base", help="reference for KL divergence and top-1 agreement: a checkpoint directory, "
+                                       "or float32/bfloat16 for this model in that dtype")
+    ppl.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ppl.add_argument("--chunk-size", type=int, default=1024, help="tokens per forward through the caches")
     bench = sub.add_parser("bench", help="side-by-side benchmarks against peers",
                            description="Runs benchmarks/NAME.py; options after NAME go to it (try NAME --help).")
     bench.add_argument("name", choices=BENCHMARKS)
@@ -114,12 +283,36 @@ def main(argv: list[str] | None = None) -> int:
         return _bench(args, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.command == "demo":
-        return _demo(args)
-    if args.command == "generate":
-        return _generate(args)
-    parser.print_help()
-    return 0
+    commands = {"demo": _demo, "generate": _generate, "train": _train, "perplexity": _perplexity}
+    if args.command not in commands:
+        parser.print_help()
+        return 0
+    return _run_reporting_errors(args.command, commands[args.command], args)
+
+
+def _run_reporting_errors(name: str, fn, args: argparse.Namespace) -> int:
+    """Runs a command; a user's mistake or a failure becomes one line on stderr (``--debug``: the traceback)."""
+    import os
+
+    from swattn.training.trainer import Interrupted
+
+    debug = getattr(args, "debug", False) or os.environ.get("SWATTN_DEBUG") == "1"
+    try:
+        return fn(args)
+    except UserError as exc:
+        print(f"swattn {name}: error: {exc}", file=sys.stderr)
+        return 2
+    except Interrupted as exc:
+        print(f"swattn {name}: {exc}", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:
+        if debug:
+            raise
+        print(f"swattn {name}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"swattn {name}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

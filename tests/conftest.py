@@ -69,3 +69,28 @@ def oracle_with_grads(q, k, v, dout, compute_dtype=torch.float64, **kw):
     if compute_dtype == torch.float64:
         q, k, v, dout = (t.double() for t in (q, k, v, dout))
     return run_with_grads(fn, q, k, v, dout)
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory):
+    """A few of Python's own modules as training text (every machine has them)."""
+    import json as json_module
+    import shutil
+    import textwrap
+    from pathlib import Path
+
+    d = tmp_path_factory.mktemp("corpus")
+    for f in sorted(Path(json_module.__file__).parent.glob("*.py")) + [Path(textwrap.__file__)]:
+        shutil.copy(f, d / f.name)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(corpus_dir, tmp_path_factory):
+    """A tiny Gemma 2 trained by swattn train for a few steps, saved in float32: (directory, result)."""
+    from swattn.training.trainer import TrainArgs, train
+
+    out = tmp_path_factory.mktemp("tiny_model")
+    result = train(TrainArgs(data=[str(corpus_dir)], out=str(out), preset="tiny", steps=30, eval_every=10,
+                             save_dtype="float32", precision="fp32"), log=lambda _: None, progress=False)
+    return out, result

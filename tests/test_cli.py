@@ -5,9 +5,12 @@ import pytest
 from swattn.cli import main
 
 
-def test_demo_checks_against_the_oracle(capsys):
-    assert main(["demo", "--n", "700", "--window", "128"]) == 0
+def test_demo_tour_runs_on_the_built_in_model(capsys, tmp_path):
+    plot = tmp_path / "demo.png"
+    assert main(["demo", "--n", "700", "--window", "128", "--stream-tokens", "3000", "--plot", str(plot)]) == 0
     out = capsys.readouterr().out
+    assert "def list_python_files(root):" in out  # part 1: the prompt, then its completion
+    assert "[2/3]" in out and "every token kept" in out and plot.stat().st_size > 1000
     assert "(ok)" in out and "SDPA + dense mask" in out and "x slower" in out
 
 
@@ -34,9 +37,18 @@ def test_bench_cache_runs_and_checks_ring_memory(capsys):
     assert len([line for line in out.splitlines() if line.lstrip().startswith(("64 ", "256 "))]) == 2
 
 
-@pytest.mark.parametrize("name,option", [("model", "--chunk"), ("transformers", "--train")])
+@pytest.mark.parametrize("name,option", [("model", "--chunk"), ("transformers", "--train"), ("train", "--contexts"),
+                                         ("distributed", "--procs")])
 def test_bench_help_is_the_scripts_own(name, option, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["bench", name, "--help"])
     assert exit_.value.code == 0
     assert option in capsys.readouterr().out
+
+
+def test_bench_train_runs_every_implementation(capsys, tmp_path):
+    args = ["bench", "train", "--contexts", "64", "128", "--tokens", "128", "--precision", "fp32", "--repeat", "1",
+            "--dir", str(tmp_path)]
+    assert main(args) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.lstrip().startswith(("64 ", "128 "))]
+    assert len(rows) == 2 and all(row.count(" s ") == 3 and "faster than" in row for row in rows)

@@ -17,6 +17,8 @@ from swattn.models.config import ModelConfig
 from swattn.models.transformer import CausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# The built-in model: a small Gemma 2 trained by ``swattn train`` on Python's standard library
+BUILTIN = Path(__file__).resolve().parent.parent / "builtin_model"
 
 
 def _shards(path: Path) -> dict[str, Path]:
@@ -35,12 +37,12 @@ def _shards(path: Path) -> dict[str, Path]:
         raise ValueError(f"{single} is not a readable safetensors file (truncated?): {exc}") from exc
 
 
-def load(path: str | Path, dtype: torch.dtype | str | None = None) -> CausalLM:
+def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None) -> CausalLM:
     """Loads a Gemma 2, Gemma 3 (text) or Mistral checkpoint directory.
 
     Args:
         path: a directory with ``config.json`` and ``model.safetensors`` (or sharded files
-            with ``model.safetensors.index.json``).
+            with ``model.safetensors.index.json``); None: the built-in model (``BUILTIN``).
         dtype: ``torch.float32`` (default) or ``torch.bfloat16`` (or their names).
 
     Returns:
@@ -52,7 +54,7 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None) -> CausalLM:
         FileNotFoundError: a missing file. ValueError: an unknown model type, a missing,
         unexpected or misshapen tensor, or an unreadable (e.g. truncated) file, named.
     """
-    path = Path(path)
+    path = BUILTIN if path is None else Path(path)
     dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) or dtype is None else dtype
     dtype = dtype or torch.float32
     if dtype not in DTYPES.values():
@@ -90,6 +92,7 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None) -> CausalLM:
             raise
         except Exception as exc:
             raise ValueError(f"{file} is not a readable safetensors file (truncated?): {exc}") from exc
+    model.path = path
     model.tokenizer = _tokenizer(path)
     model.stop_tokens = _stop_tokens(path, cfg)
     return model.eval()

@@ -7,6 +7,8 @@ Module names follow the Hugging Face checkpoints, so a state dict loads as it is
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,6 +68,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, window: int | None):
         super().__init__()
         self.cfg, self.window = cfg, window
+        self.group = None  # a process group: the sequence is split across its ranks (swattn.distributed)
         h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=False)
@@ -76,6 +79,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.gemma_norms)
 
     def forward(self, x, pos, cos, sin, cache=None):
+        """``x`` ``(batch, seq, hidden)``; ``pos`` ``(batch, seq)``, or None for 0..seq-1 without a cache."""
         batch, seq, _ = x.shape
         cfg = self.cfg
         q = self.q_proj(x).view(batch, seq, cfg.num_heads, cfg.head_dim).transpose(1, 2)
@@ -85,7 +89,13 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         kw = dict(softcap=cfg.attn_softcap, scale=cfg.scale)
-        if cache is None:
+        if self.group is not None:  # this rank holds a contiguous slice; rotary already used global positions
+            if cache is not None:
+                raise ValueError("sequence-parallel layers take no cache")
+            from swattn import distributed
+
+            out = distributed.sliding_window_attention(q, k, v, self.window, group=self.group, **kw)
+        elif cache is None:
             out = sliding_window_attention(q, k, v, self.window, q_pos=pos, k_pos=pos, **kw)
         else:
             out = cache.attend(q, k, v, pos, **kw)
@@ -159,11 +169,29 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma_norms)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def new_cache(self, batch: int, capacity: int | None = None) -> ModelCache:
-        """Gives empty caches for this model: a ring per local layer, a full cache per global one."""
+    def set_local_window(self, window: int | None) -> None:
+        """Replaces every local layer's window by ``window`` (global layers stay global).
+
+        What quality costs at another window (``swattn perplexity --window``), or training
+        with a shorter one. ``None`` makes the local layers global.
+        """
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise ValueError(f"window must be an int >= 1 or None, got {window!r}")
+        if not hasattr(self, "_own_windows"):
+            self._own_windows = self.cfg.windows
+        windows = tuple(None if w is None else window for w in self._own_windows)
+        self.cfg = replace(self.cfg, windows=windows)
+        for layer, w in zip(self.layers, windows):
+            layer.self_attn.window, layer.self_attn.cfg = w, self.cfg
+
+    def new_cache(self, batch: int, capacity: int | None = None, rings: bool = True) -> ModelCache:
+        """Gives empty caches for this model: a ring per local layer, a full cache per global one.
+
+        ``rings=False`` keeps every token in the local layers too (for comparisons).
+        """
         w = self.embed_tokens.weight
         return ModelCache(self.cfg.windows, batch, self.cfg.num_kv_heads, self.cfg.head_dim, capacity=capacity,
-                          dtype=w.dtype, device=w.device)
+                          dtype=w.dtype, device=w.device, rings=rings)
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor | None = None, cache: ModelCache | None = None,
                 last_only: bool = False) -> torch.Tensor:
@@ -181,8 +209,30 @@ class CausalLM(nn.Module):
             logits ``(batch, seq, vocab_size)`` (``(batch, 1, vocab_size)`` with ``last_only``)
             in the model's dtype.
         """
+        return self.logits(self.features(ids, pos, cache, last_only))
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's matrix ``(vocab_size, hidden_size)`` (the embedding where tied)."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of final hidden states ``x`` ``(..., hidden)``: the head and Gemma's final soft-cap."""
+        logits = x @ self.head_weight.T
+        if self.cfg.final_softcap is not None:
+            logits = self.cfg.final_softcap * torch.tanh(logits / self.cfg.final_softcap)
+        return logits
+
+    def features(self, ids: torch.Tensor, pos: torch.Tensor | None = None, cache: ModelCache | None = None,
+                 last_only: bool = False) -> torch.Tensor:
+        """Final hidden states (after the last norm) ``(batch, seq, hidden)``; arguments as :meth:`forward`."""
+        # Default positions without a cache: the op's aligned path (its block plan skips whole
+        # tiles outside the window; per-key positional masks are only needed otherwise).
+        attn_pos = pos
         if pos is None:
             pos = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+            if cache is not None:  # the cache stores by position
+                attn_pos = pos
         cfg = self.cfg
         x = self.embed_tokens(ids)
         if cfg.gemma_norms:  # the scale is cast to the activation dtype first (48.0 exactly in bf16)
@@ -190,9 +240,5 @@ class CausalLM(nn.Module):
         rotations = {"local": rotary(pos, cfg.head_dim, cfg.rope_local), "global": rotary(pos, cfg.head_dim, cfg.rope_global)}
         for i, layer in enumerate(self.layers):
             cos, sin = rotations["local" if cfg.windows[i] is not None else "global"]
-            x = layer(x, pos, cos, sin, None if cache is None else cache[i])
-        x = self.norm(x[:, -1:] if last_only else x)
-        logits = x @ self.embed_tokens.weight.T if self.lm_head is None else self.lm_head(x)
-        if cfg.final_softcap is not None:
-            logits = cfg.final_softcap * torch.tanh(logits / cfg.final_softcap)
-        return logits
+            x = layer(x, attn_pos, cos, sin, None if cache is None else cache[i])
+        return self.norm(x[:, -1:] if last_only else x)

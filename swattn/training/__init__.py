@@ -1,0 +1,1 @@
+"""Training: ``swattn train`` (data, tokenizer, presets, the loop)."""
