@@ -59,6 +59,11 @@ class _LayerCache:
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.slot_pos, self.last_pos))
 
     @property
+    def nbytes_used(self) -> int:
+        """Bytes of the slots holding tokens (a ring: all of it; a full cache: up to the last position stored)."""
+        return self.nbytes
+
+    @property
     def seq_len(self) -> torch.Tensor:
         """Tokens seen per row, ``(batch,)``: the last stored position + 1 (0 when empty)."""
         return self.last_pos + 1
@@ -252,6 +257,12 @@ class FullCache(_LayerCache):
         self._used = max(self._used, needed)
         return self.k[:, :, : self._used], self.v[:, :, : self._used], self.slot_pos[:, : self._used]
 
+    @property
+    def nbytes_used(self) -> int:
+        """Bytes of the positions stored so far (the buffer may be preallocated beyond them)."""
+        per_slot = (self.k[:, :, :1].numel() * self.k.element_size() * 2 + self.slot_pos.shape[0] * 8)
+        return per_slot * self._used
+
     def _restore_buffers(self, k, v, slot_pos, last_pos) -> None:
         if k.shape[2] > self.k.shape[2]:
             self._reserve(k.shape[2])
@@ -317,6 +328,11 @@ class ModelCache:
     def nbytes(self) -> int:
         """Bytes held by all layers' buffers."""
         return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def nbytes_used(self) -> int:
+        """Bytes of all layers' slots that hold tokens (global layers: what is stored, not what is preallocated)."""
+        return sum(layer.nbytes_used for layer in self.layers)
 
     @property
     def seq_len(self) -> torch.Tensor:

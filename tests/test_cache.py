@@ -186,3 +186,16 @@ def test_bad_use_is_a_clear_error():
         ModelCache([W, None], 2, HEADS_KV, DIM).restore((cache.save(),))
     with pytest.raises(ValueError, match="a RingCache needs a window"):
         RingCache(1, 1, 4, None)
+
+
+def test_bytes_in_use_count_stored_positions_not_preallocated_ones():
+    from swattn.cache import ModelCache
+
+    cache = ModelCache([4, None], batch=1, heads_kv=2, head_dim=8, capacity=100)
+    k = torch.randn(1, 2, 10, 8)
+    cache[0].attend(torch.randn(1, 2, 10, 8), k, k, torch.arange(10))
+    cache[1].attend(torch.randn(1, 2, 10, 8), k, k, torch.arange(10))
+    per_token = 2 * 2 * 8 * 4 + 8  # k and v of 2 heads x 8 fp32, one position
+    assert cache[0].nbytes_used == cache[0].nbytes  # a ring: all of it, always
+    assert cache[1].nbytes_used == 10 * per_token < cache[1].nbytes
+    assert cache.nbytes_used == cache[0].nbytes + 10 * per_token
