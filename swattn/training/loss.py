@@ -4,8 +4,9 @@ Training a model whose vocabulary dwarfs its width spends most of a step's memor
 of its time on the logits: tokens x vocab floats, written, soft-capped, soft-maxed and
 differentiated as separate whole-tensor passes. Here the head's product, Gemma's final
 soft-cap, the log-sum-exp and the gradient are done a chunk of tokens at a time, and the
-backward recomputes each chunk's logits rather than storing them (the fused
-linear-cross-entropy approach): only ``(tokens,)`` log-sum-exps are kept between the passes.
+gradients of the hidden states and of the head are computed in the forward, while each
+chunk's logits exist (the fused linear-cross-entropy approach): nothing of vocabulary size
+per token is kept, and the backward only scales them.
 """
 
 from __future__ import annotations
@@ -20,38 +21,33 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, weight, targets, softcap, dtype):  # noqa: D102
         n = h.shape[0]
         w = weight.to(dtype)
-        lse = torch.empty(n, dtype=torch.float32)
-        picked = torch.empty(n, dtype=torch.float32)
+        grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        dh = torch.empty_like(h) if grads else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32) if grads else None
+        total = torch.zeros((), dtype=torch.float64)
         for s in range(0, n, CHUNK):
-            logits = _capped_logits(h[s : s + CHUNK].to(dtype), w, softcap)[0]
-            lse[s : s + CHUNK] = torch.logsumexp(logits, dim=-1)
-            picked[s : s + CHUNK] = logits.gather(1, targets[s : s + CHUNK, None]).squeeze(1)
-        ctx.save_for_backward(h, weight, targets, lse)
-        ctx.softcap, ctx.dtype = softcap, dtype
-        return (lse - picked).mean()
+            hc = h[s : s + CHUNK].to(dtype)
+            t_idx = targets[s : s + CHUNK]
+            logits, t = _capped_logits(hc, w, softcap)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t_idx[:, None]).squeeze(1)).double().sum()
+            if grads:  # the gradient now, while the chunk's logits exist: the backward only scales it
+                p = logits.sub_(lse[:, None]).exp_()  # d loss / d capped logits = softmax - one_hot
+                p[torch.arange(p.shape[0]), t_idx] -= 1.0
+                p.mul_(1.0 / n)
+                if t is not None:  # through the soft-cap: 1 - tanh^2
+                    p.mul_(1.0 - t.square_())
+                pd = p.to(dtype)
+                dh[s : s + CHUNK] = (pd @ w).to(h.dtype)
+                dw.add_((pd.T @ hc).float())
+        ctx.save_for_backward(dh, dw)
+        ctx.weight_dtype = weight.dtype
+        return (total / n).float()
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        h, weight, targets, lse = ctx.saved_tensors
-        n, dtype = h.shape[0], ctx.dtype
-        w = weight.to(dtype)
-        dh = torch.empty_like(h)
-        dw = torch.zeros(weight.shape, dtype=torch.float32)
-        scale = grad.float() / n
-        for s in range(0, n, CHUNK):
-            hc = h[s : s + CHUNK].to(dtype)
-            logits, t = _capped_logits(hc, w, ctx.softcap)
-            # d loss / d capped logits = softmax - one_hot, then through the soft-cap: 1 - tanh^2
-            p = logits.sub_(lse[s : s + CHUNK, None]).exp_()
-            rows = torch.arange(p.shape[0])
-            p[rows, targets[s : s + CHUNK]] -= 1.0
-            p.mul_(scale)
-            if t is not None:
-                p.mul_(1.0 - t.square_())
-            pd = p.to(dtype)
-            dh[s : s + CHUNK] = (pd @ w).to(h.dtype)
-            dw.add_((pd.T @ hc).float())
-        return dh, dw.to(weight.dtype), None, None, None
+        dh, dw = ctx.saved_tensors
+        return dh * grad.to(dh.dtype), (dw * grad).to(ctx.weight_dtype), None, None, None
 
 
 def _capped_logits(h: torch.Tensor, w: torch.Tensor, softcap: float | None):
