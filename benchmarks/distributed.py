@@ -84,27 +84,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.n = 16384
     h, hkv, d, w = 8, 4, 128, args.window
-    per_token = 2 * hkv * d * 4  # k and v, fp32
-    print(f"# one layer: {h} query / {hkv} kv heads, head_dim {d}, fp32; local window {w}; bytes are the forward's "
-          "(the backward sends the same amount back)")
-    print(f"{'n':>9} {'ranks':>5} | {'local layer, max/rank':>22} | {'global layer, max/rank':>22} | ratio")
+    sizes = sd.TokenBytes.of(h, hkv, d, 4)
+    print(f"# one layer: {h} query / {hkv} kv heads, head_dim {d}, fp32; local window {w}; forward bytes sent by the "
+          "busiest rank (computed from the exchange plans)")
+    print(f"{'n':>9} {'ranks':>5} | {'local layer (halo)':>19} | {'ring attention':>15} | {'ring / halo':>11} | "
+          f"{'swattn global layer':>19}")
     for n in (65536, 262144, 1 << 20):
         for ranks in (2, 4, 8):
             lengths = [n // ranks] * ranks
-            halo = max(sd.halo_bytes(lengths, w, r, per_token) for r in range(ranks))
-            glob = max(sd.global_bytes(lengths, r, per_token) for r in range(ranks))
-            print(f"{n:>9,} {ranks:>5} | {halo / 1e6:>19.1f} MB | {glob / 1e6:>19.1f} MB | {glob / halo:>6.0f}x")
+            halo = max(sd.traffic(lengths, w, r, sizes)[0] for r in range(ranks))
+            ring = sd.ring_attention_bytes(lengths, sizes)
+            glob = max(sd.traffic(lengths, None, r, sizes)[0] for r in range(ranks))
+            print(f"{n:>9,} {ranks:>5} | {halo / 1e6:>16.1f} MB | {ring / 1e6:>12.1f} MB | {ring / halo:>10.0f}x | "
+                  f"{glob / 1e6:>16.1f} MB")
     print(f"\n# measured: forward+backward of one local layer (window {w}) and one global layer, n={args.n:,}, "
           f"{os.cpu_count()} cores shared by all processes")
-    print(f"{'layer':>7} {'procs':>5} | {'time':>8} | {'bytes sent by each rank (fwd+bwd)':<40} | computed")
+    print(f"{'layer':>7} {'procs':>5} | {'time':>8} | {'bytes sent by each rank, fwd+bwd: measured':<44} | computed")
     for window in (w, None):
         for world in args.procs:
             cell = dict(n=args.n, heads=h, heads_kv=hkv, head_dim=d, window=window, threads=torch.get_num_threads())
             seconds, sent = measure(world, cell)
             lengths = [args.n // world + (1 if r < args.n % world else 0) for r in range(world)]
-            computed = [sd.step_bytes(lengths, window, r, per_token) for r in range(world)]
+            computed = [sum(sd.traffic(lengths, window, r, sizes)) if world > 1 else 0 for r in range(world)]
             print(f"{'local' if window else 'global':>7} {world:>5} | {seconds:>6.2f} s | "
-                  f"{', '.join(f'{b / 1e6:.1f} MB' for b in sent):<40} | "
+                  f"{', '.join(f'{b / 1e6:.1f} MB' for b in sent):<44} | "
                   f"{', '.join(f'{b / 1e6:.1f} MB' for b in computed)}", flush=True)
     return 0
 

@@ -6,9 +6,11 @@ besides its own keys, only the ``W - 1`` keys before its slice: a **halo**, rece
 to point from the rank(s) before it (several when W is longer than a slice), whatever the
 sequence's length. The attention over the rank's own keys runs while the halo is in flight;
 the two parts are merged exactly through their log-sum-exps. A global layer (``window=None``)
-needs every earlier key: each rank's keys and values are sent point to point to every later
-rank (the bytes ring attention passes around, without a causal load balance yet: the last
-rank does the most work and holds every earlier slice), attended and merged the same way.
+needs every earlier key. Causal attention gives later ranks more pairs of (query block, key
+block), so each pair is computed by one of its two ranks, chosen to spread the pairs evenly
+(``Layout.computed_by``): near pairs by the later rank, which receives the earlier rank's keys
+and values; far ones by the earlier rank, which receives the later rank's queries and sends
+back a partial output and log-sum-exp. Everything is merged exactly the same way.
 
 Backward: the gradient of each key set is computed with the merged output and log-sum-exp
 (as flash-attention's backward does), and the halo's key/value gradients are sent back to
@@ -56,6 +58,19 @@ class Layout:
     @property
     def end(self) -> int:
         return self.start + self.lengths[self.rank]
+
+    def computed_by(self, i: int, j: int) -> int:
+        """Which rank computes the queries of rank ``i`` against the keys of earlier rank ``j`` (global layers).
+
+        Causal attention gives later ranks more key blocks; handing the farthest pairs to the
+        earlier rank (a distance past half the ranks; at exactly half, alternately) spreads
+        the pairs of blocks evenly: with 4 ranks the busiest does 2.5 block-pairs instead of
+        3.5, with 8 ranks 4.5 instead of 7.5.
+        """
+        d, world = i - j, len(self.lengths)
+        if 2 * d < world or (2 * d == world and j % 2 == 0):
+            return i
+        return j
 
     def halo_pieces(self, receiver: int, window: int) -> list[tuple[int, int, int]]:
         """What ``receiver`` needs from earlier ranks: ``(sender, first, last)`` local indices (end exclusive) of
@@ -145,17 +160,25 @@ class _KeySets:
 
     ``needs``: pieces of earlier ranks this rank receives; ``gives``: pieces of this rank's
     slice that later ranks receive, as ``(rank, first, last)``. Local layer: the halo (the
-    ``window - 1`` positions before the slice). Global layer: every earlier rank's whole
-    slice. The receives are posted at once, so they travel while the
+    ``window - 1`` positions before the slice). Global layer: the whole slices of the earlier
+    ranks whose block pairs this rank computes; ``served``/``delegated``: the pairs computed
+    on the keys' side instead (see ``Layout.computed_by``). The receives are posted at once, so they travel while the
     rank attends over its own keys.
     """
 
     def __init__(self, q, k, v, window, layout: Layout, group):
         self.q, self.k, self.v, self.window, self.layout, self.group = q, k, v, window, layout, group
         world, rank = len(layout.lengths), layout.rank
+        lengths = layout.lengths
+        self.served: list[tuple[int, torch.Tensor]] = []  # (later rank, its queries) attended here over own keys
+        self.delegated: list[int] = []  # earlier ranks that attend this rank's queries over their keys
         if window is None:
-            self.needs = [_Foreign(p, 0, layout.lengths[p]) for p in range(rank) if layout.lengths[p]]
-            self.gives = [(r, 0, layout.lengths[rank]) for r in range(rank + 1, world)] if layout.lengths[rank] else []
+            pairs = [(i, j) for i in range(world) for j in range(i) if lengths[i] and lengths[j]]
+            self.needs = [_Foreign(j, 0, lengths[j]) for i, j in pairs if i == rank and layout.computed_by(i, j) == i]
+            self.gives = [(i, 0, lengths[rank]) for i, j in pairs if j == rank and layout.computed_by(i, j) == i]
+            self.served = [(i, q.new_empty(q.shape[0], q.shape[1], lengths[i], q.shape[3]))
+                           for i, j in pairs if j == rank and layout.computed_by(i, j) == j]
+            self.delegated = [j for i, j in pairs if i == rank and layout.computed_by(i, j) == j]
         else:
             self.needs = [_Foreign(src, a, e) for src, a, e in layout.halo_pieces(rank, window)]
             self.gives = [(dst, a, e) for dst in range(rank + 1, world)
@@ -163,9 +186,13 @@ class _KeySets:
         b, h, _, d = k.shape
         for f in self.needs:
             f.k, f.v = k.new_empty(b, h, f.last - f.first, d), v.new_empty(b, h, f.last - f.first, d)
-        sends = [(dst, t[:, :, a:e]) for dst, a, e in self.gives for t in (k, v)]
-        recvs = [(f.owner, t) for f in self.needs for t in (f.k, f.v)]
+        sends = [(dst, t[:, :, a:e]) for dst, a, e in self.gives for t in (k, v)] + [(j, q) for j in self.delegated]
+        recvs = [(f.owner, t) for f in self.needs for t in (f.k, f.v)] + self.served
         self._pending = _exchange(sends, recvs, group)
+
+    def positions(self, rank: int) -> torch.Tensor:
+        start = self.layout.starts[rank]
+        return torch.arange(start, start + self.layout.lengths[rank])
 
     def sets(self):
         """Yields ``(q_rows, rows, keys, values, q_pos, k_pos)``: own keys first (every row), then each piece."""
@@ -214,8 +241,21 @@ class _Attention(torch.autograd.Function):
                 out, lse = o.float(), l
             else:
                 out[:, :, rows], lse[:, :, rows] = _merge(out[:, :, rows], lse[:, :, rows], o, l)
+        # global layers: attend later ranks' queries over this rank's keys for them, and take the
+        # results of earlier ranks that attended this rank's queries over theirs (the load balance)
+        sends, served_problems = [], []
+        for i, q_i in parts.served:
+            p = check_problem(q_i, k, v, None, softcap, scale, parts.positions(i), parts.positions(layout.rank))
+            o, l = impl.forward(q_i, k, v, p)
+            served_problems.append(p)
+            sends += [(i, o.float().contiguous()), (i, l.contiguous())]
+        recvs = [(j, t) for j in parts.delegated for t in (torch.empty(out.shape), torch.empty(lse.shape))]
+        for req in _exchange(sends, recvs, group):
+            req.wait()
+        for n in range(0, len(recvs), 2):
+            out, lse = _merge(out, lse, recvs[n][1], recvs[n + 1][1])
         ctx.save_for_backward(q, out.to(q.dtype), lse)
-        ctx.parts, ctx.problems, ctx.impl = parts, problems, impl
+        ctx.parts, ctx.problems, ctx.served_problems, ctx.impl = parts, problems, served_problems, impl
         return out.to(q.dtype), lse
 
     @staticmethod
@@ -223,6 +263,12 @@ class _Attention(torch.autograd.Function):
         q, out, lse = ctx.saved_tensors
         dout = dout.contiguous()
         dq = torch.zeros(q.shape, dtype=torch.float32)
+        parts = ctx.parts
+        # the ranks that attended this rank's queries need its output gradient, output and lse
+        shipped = [(j, t) for j in parts.delegated for t in (dout.float(), out.float(), lse)]
+        incoming = [(i, [torch.empty(q_i.shape), torch.empty(q_i.shape), torch.empty(q_i.shape[:3])])
+                    for i, q_i in parts.served]
+        pending = _exchange(shipped, [(i, t) for i, ts in incoming for t in ts], parts.group)
         grads = []
         for (q_part, rows, k_set, v_set, _, _), p in zip(ctx.parts.sets(), ctx.problems):
             dq_p, dk_p, dv_p = ctx.impl.backward(
@@ -230,7 +276,21 @@ class _Attention(torch.autograd.Function):
                 lse[:, :, rows].contiguous(), dout[:, :, rows].contiguous(), p)
             dq[:, :, rows] += dq_p.float()
             grads.append((dk_p, dv_p))
-        dk, dv = ctx.parts.return_grads(grads)
+        dk, dv = parts.return_grads(grads)
+        for req in pending:
+            req.wait()
+        sends = []
+        for (i, q_i), (_, (dout_i, out_i, lse_i)), p in zip(parts.served, incoming, ctx.served_problems):
+            dq_i, dk_p, dv_p = ctx.impl.backward(q_i, parts.k, parts.v, out_i.to(q.dtype), lse_i,
+                                                 dout_i.to(q.dtype), p)
+            dk += dk_p.float()
+            dv += dv_p.float()
+            sends.append((i, dq_i.float().contiguous()))
+        recvs = [(j, torch.empty(q.shape)) for j in parts.delegated]
+        for req in _exchange(sends, recvs, parts.group):
+            req.wait()
+        for _, dq_j in recvs:
+            dq += dq_j
         ctx.parts = None
         return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), None, None, None, None, None
 
@@ -253,7 +313,8 @@ def sliding_window_attention(
             slices of ranks 0, 1, ... follow each other in the sequence (lengths may differ,
             a rank may hold none).
         k, v: this rank's slice of the keys and values ``(batch, heads_kv, local_len, head_dim)``.
-        window: as for :func:`swattn.sliding_window_attention` (None: causal, every earlier slice).
+        window: as for :func:`swattn.sliding_window_attention` (None: causal attention over every
+            earlier slice, the work spread over the ranks).
         softcap, scale: as for :func:`swattn.sliding_window_attention`.
         group: the process group holding the whole sequence (default: the world).
         return_lse: also give the per-row log-sum-exp ``(batch, heads, local_len)``.
@@ -272,26 +333,54 @@ def sliding_window_attention(
     return (out, lse) if return_lse else out
 
 
-def halo_bytes(lengths: list[int], window: int, rank: int, bytes_per_token: int) -> int:
-    """Bytes ``rank`` sends forward for a local layer (its keys and values later ranks need)."""
+@dataclass(frozen=True)
+class TokenBytes:
+    """Bytes per token of what the exchanges carry (see :func:`traffic`)."""
+
+    kv: int  # keys and values (and their gradients), in the inputs' dtype
+    q: int  # queries, in the inputs' dtype
+    out: int  # a partial output and its log-sum-exp (float32)
+    grad_in: int  # output gradient, output and log-sum-exp (float32), for the backward of a delegated pair
+    dq: int  # a query gradient (float32)
+
+    @classmethod
+    def of(cls, heads: int, heads_kv: int, head_dim: int, element_size: int) -> TokenBytes:
+        return cls(kv=2 * heads_kv * head_dim * element_size, q=heads * head_dim * element_size,
+                   out=heads * head_dim * 4 + heads * 4, grad_in=2 * heads * head_dim * 4 + heads * 4,
+                   dq=heads * head_dim * 4)
+
+
+def traffic(lengths: list[int], window: int | None, rank: int, sizes: TokenBytes) -> tuple[int, int]:
+    """Bytes ``rank`` sends in one layer's (forward, backward), from the same plans the exchanges follow."""
     layout = Layout(rank, tuple(lengths))
-    return bytes_per_token * sum(e - a for dst in range(rank + 1, len(lengths))
-                                 for src, a, e in layout.halo_pieces(dst, window) if src == rank)
+    n_r = lengths[rank]
+    if window is not None:
+        sent = sum(e - a for dst in range(rank + 1, len(lengths)) for src, a, e in layout.halo_pieces(dst, window)
+                   if src == rank)
+        received = sum(e - a for _, a, e in layout.halo_pieces(rank, window))
+        return sizes.kv * sent, sizes.kv * received  # backward: the halo's gradients go back to their owners
+    fwd = bwd = 0
+    for other, n_o in enumerate(lengths):
+        if other == rank or not n_o or not n_r:
+            continue
+        i, j = max(rank, other), min(rank, other)
+        by = layout.computed_by(i, j)
+        if rank == j and by == i:  # my keys to the later rank; its gradients of them come back (its bytes)
+            fwd += sizes.kv * n_r
+        elif rank == i and by == i:  # I computed with the earlier rank's keys: their gradients go back
+            bwd += sizes.kv * n_o
+        elif rank == i and by == j:  # my queries to the earlier rank, then what its backward needs
+            fwd += sizes.q * n_r
+            bwd += sizes.grad_in * n_r
+        else:  # rank == j computes for the later rank: partial results, then its query gradients
+            fwd += sizes.out * n_o
+            bwd += sizes.dq * n_o
+    return fwd, bwd
 
 
-def global_bytes(lengths: list[int], rank: int, bytes_per_token: int) -> int:
-    """Bytes ``rank`` sends forward for a global layer: its whole slice to every later rank."""
-    return bytes_per_token * lengths[rank] * (len(lengths) - 1 - rank)
-
-
-def step_bytes(lengths: list[int], window: int | None, rank: int, bytes_per_token: int) -> int:
-    """Bytes ``rank`` sends in a forward and backward: its keys forward, the gradients of the keys it got back."""
-    layout = Layout(rank, tuple(lengths))
-    if window is None:
-        received = sum(lengths[:rank])
-        return global_bytes(lengths, rank, bytes_per_token) + bytes_per_token * received
-    received = sum(e - a for _, a, e in layout.halo_pieces(rank, window))
-    return halo_bytes(lengths, window, rank, bytes_per_token) + bytes_per_token * received
+def ring_attention_bytes(lengths: list[int], sizes: TokenBytes) -> int:
+    """Forward bytes a rank sends in ring attention: every key/value block but one passes through it."""
+    return sizes.kv * max(lengths) * (len(lengths) - 1)
 
 
 def init_from_torchrun(timeout_s: float = 600.0) -> bool:

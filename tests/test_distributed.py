@@ -123,12 +123,32 @@ def test_no_process_group_is_a_clear_error():
 
 
 def test_traffic_of_a_local_layer_does_not_grow_with_the_sequence():
-    per_token = 2 * 4 * 128 * 2  # k and v, 4 kv heads, head_dim 128, bf16
+    sizes = sd.TokenBytes.of(8, 4, 128, 2)
     for n in (65536, 262144, 1 << 20):
         lengths = [n // 4] * 4
-        halo = max(sd.halo_bytes(lengths, 4096, r, per_token) for r in range(4))
-        assert halo == 4095 * per_token
-        assert sd.global_bytes(lengths, 0, per_token) == 3 * (n // 4) * per_token
+        halo = max(sd.traffic(lengths, 4096, r, sizes)[0] for r in range(4))
+        assert halo == 4095 * sizes.kv
+        assert halo * 10 <= sd.ring_attention_bytes(lengths, sizes) or n < 262144
+
+
+def _count_bytes(rank, world, case):
+    q, k, v, dout = (t.float() for t in _inputs(case))
+    start = sum(case["lengths"][:rank])
+    sl = slice(start, start + case["lengths"][rank])
+    q, k, v = (t[:, :, sl].clone().requires_grad_() for t in (q, k, v))
+    sd.bytes_sent(reset=True)
+    out = sd.sliding_window_attention(q, k, v, case["window"])
+    fwd = sd.bytes_sent(reset=True)
+    out.backward(dout[:, :, sl])
+    return fwd, sd.bytes_sent()
+
+
+@pytest.mark.parametrize("window", [6, None])
+def test_bytes_sent_are_the_planned_ones(window):
+    case = dict(lengths=[9, 4, 12, 7], window=window, heads=4, heads_kv=2)
+    got = run_ranks(4, _count_bytes, **case)
+    sizes = sd.TokenBytes.of(4, 2, 16, 4)
+    assert [tuple(g) for g in got] == [sd.traffic(case["lengths"], window, r, sizes) for r in range(4)]
 
 
 def _model_step(rank, world, case):
@@ -172,3 +192,13 @@ def test_model_forward_and_training_step_equal_one_process():
     for name, p in model.named_parameters():
         err = ((got[0][1][name] - p.grad).abs().max() / p.grad.abs().max()).item()
         assert err < 1e-4, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("world,busiest", [(2, 1), (3, 1), (4, 2), (8, 4)])
+def test_global_layers_spread_the_block_pairs_over_the_ranks(world, busiest):
+    layout = sd.Layout(0, (100,) * world)
+    work = [0] * world
+    for i in range(world):
+        for j in range(i):
+            work[layout.computed_by(i, j)] += 1
+    assert sum(work) == world * (world - 1) // 2 and max(work) == busiest  # without the balance: world - 1
