@@ -61,7 +61,24 @@ def _worker(rank, world, port, cell, results):
 
 
 def measure(world: int, cell: dict) -> tuple[float, list[int]]:
-    """One forward+backward of a layer over ``world`` processes: (seconds, bytes sent per rank)."""
+    """One forward+backward of a layer over ``world`` processes: (seconds, bytes sent per rank).
+
+    Runs this file as a script in a fresh Python (its processes are spawned from there, where
+    their target can be found by name), whatever imported this module.
+    """
+    import json
+    import subprocess
+
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure", json.dumps([world, cell])],
+                          capture_output=True, text=True, timeout=1800)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            seconds, sent = json.loads(line[len("RESULT "):])
+            return seconds, sent
+    raise RuntimeError(f"the measurement failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+
+
+def _spawn(world: int, cell: dict) -> tuple[float, list[int]]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _port()
@@ -80,7 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=65536, help="tokens of the measured runs")
     parser.add_argument("--window", type=int, default=4096)
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.measure:
+        import json
+
+        print("RESULT " + json.dumps(_spawn(*json.loads(args.measure))), flush=True)
+        return 0
     if args.quick:
         args.n = 16384
     h, hkv, d, w = 8, 4, 128, args.window

@@ -202,3 +202,45 @@ def test_global_layers_spread_the_block_pairs_over_the_ranks(world, busiest):
         for j in range(i):
             work[layout.computed_by(i, j)] += 1
     assert sum(work) == world * (world - 1) // 2 and max(work) == busiest  # without the balance: world - 1
+
+
+def _torchrun(*args, procs=2):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs), "--master-addr",
+           "127.0.0.1", "--master-port", str(_free_port()), "-m", "swattn.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def test_perplexity_under_torchrun_equals_one_process(tiny_trained, corpus_dir):
+    import subprocess
+    import sys
+
+    model, _ = tiny_trained
+    args = ["perplexity", "--model", str(model), "--file", str(corpus_dir / "decoder.py"), "--context", "300",
+            "--kl-base", "float32"]
+    one = subprocess.run([sys.executable, "-m", "swattn.cli", *args], capture_output=True, text=True, timeout=120)
+    two = _torchrun(*args, procs=3)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    row_one, row_two = one.stdout.splitlines()[1].split(), two.stdout.splitlines()[1].split()
+    assert "split across 3 ranks" in two.stderr
+    assert row_one[:2] == row_two[:2] and row_one[-1] == row_two[-1]  # window, tokens, top-1 agreement
+    assert abs(float(row_one[2]) - float(row_two[2])) < 2e-4  # the loss
+
+
+def test_train_under_torchrun_follows_the_single_process_run(corpus_dir, tmp_path):
+    import csv
+    import subprocess
+    import sys
+
+    args = ["train", "--data", str(corpus_dir), "--preset", "tiny", "--steps", "4", "--eval-every", "2",
+            "--precision", "fp32", "--save-dtype", "float32"]
+    one = subprocess.run([sys.executable, "-m", "swattn.cli", *args, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=120)
+    two = _torchrun(*args, "--out", str(tmp_path / "two"))
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    rows = [list(csv.DictReader(open(tmp_path / name / "loss.csv"))) for name in ("one", "two")]
+    for a, b in zip(*rows):
+        assert abs(float(a["train_loss"]) - float(b["train_loss"])) < 1e-3
