@@ -85,7 +85,7 @@ class Layout:
         return pieces
 
 
-def _describe(q, k, v, window, softcap, scale, group) -> Layout:
+def _describe(q, k, v, window, softcap, scale, group, offset: int | None = None) -> Layout:
     """Exchanges every rank's call description; raises the same error on every rank if they disagree."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("swattn.distributed needs an initialised process group: call "
@@ -97,7 +97,8 @@ def _describe(q, k, v, window, softcap, scale, group) -> Layout:
                          f"k {problem.k_len}")
     desc = torch.tensor([problem.q_len, problem.batch, problem.heads, problem.heads_kv, problem.head_dim,
                          -1 if window is None else window, _DTYPE_CODES[q.dtype],
-                         round((softcap or 0.0) * 1e6), round(problem.scale * 1e9)], dtype=torch.int64)
+                         round((softcap or 0.0) * 1e6), round(problem.scale * 1e9),
+                         -1 if offset is None else offset], dtype=torch.int64)
     gathered = [torch.empty_like(desc) for _ in range(world)]
     dist.all_gather(gathered, desc, group=group)
     names = ("batch", "heads", "heads_kv", "head_dim", "window", "dtype", "softcap", "scale")
@@ -108,7 +109,13 @@ def _describe(q, k, v, window, softcap, scale, group) -> Layout:
                 low, high = sorted((rank, other_rank))
                 raise ValueError(f"swattn.distributed: ranks disagree on {name}: rank {low} has {mine}, rank {high} "
                                  f"has {theirs}; every rank must call with the same shapes and options")
-    return Layout(rank, tuple(int(g[0]) for g in gathered))
+    layout = Layout(rank, tuple(int(g[0]) for g in gathered))
+    offsets = [int(g[9]) for g in gathered]
+    if any(o >= 0 for o in offsets) and offsets != list(layout.starts):
+        raise ValueError(f"swattn.distributed: the ranks' slices do not follow each other in rank order: they start "
+                         f"at positions {offsets}, their lengths {list(layout.lengths)} put them at "
+                         f"{list(layout.starts)}; give rank r the slice after rank r - 1's")
+    return layout
 
 
 _sent = [0]  # bytes this process has sent (forward and backward), for the benchmark
@@ -304,6 +311,7 @@ def sliding_window_attention(
     softcap: float | None = None,
     scale: float | None = None,
     group: dist.ProcessGroup | None = None,
+    offset: int | None = None,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sliding-window (or causal) attention over a sequence split across the ranks of ``group``.
@@ -317,6 +325,8 @@ def sliding_window_attention(
             earlier slice, the work spread over the ranks).
         softcap, scale: as for :func:`swattn.sliding_window_attention`.
         group: the process group holding the whole sequence (default: the world).
+        offset: this slice's first position in the sequence, if known: checked against the
+            other ranks' slices (ranks that hold the sequence out of order get an error).
         return_lse: also give the per-row log-sum-exp ``(batch, heads, local_len)``.
 
     Returns:
@@ -327,7 +337,7 @@ def sliding_window_attention(
         RuntimeError: no initialised process group. ValueError/TypeError: bad input, or
         ranks that disagree on shapes or options (the same message on every rank).
     """
-    layout = _describe(q, k, v, window, softcap, scale, group)
+    layout = _describe(q, k, v, window, softcap, scale, group, offset)
     q, k, v = q.contiguous(), _rows_contiguous(k), _rows_contiguous(v)
     out, lse = _Attention.apply(q, k, v, window, softcap, scale, group, layout)
     return (out, lse) if return_lse else out

@@ -244,3 +244,28 @@ def test_train_under_torchrun_follows_the_single_process_run(corpus_dir, tmp_pat
     rows = [list(csv.DictReader(open(tmp_path / name / "loss.csv"))) for name in ("one", "two")]
     for a, b in zip(*rows):
         assert abs(float(a["train_loss"]) - float(b["train_loss"])) < 1e-3
+
+
+def _out_of_order(rank, world, case):
+    from swattn.models.transformer import CausalLM
+    from swattn.training.presets import PRESETS, gemma2_model_config
+
+    model = CausalLM(gemma2_model_config(PRESETS["tiny"], 16, {"pad": 0, "eos": 1, "bos": 2}))
+    ids = torch.zeros(1, 10, dtype=torch.int64)
+    start = 10 * (world - 1 - rank)  # rank 0 holds the last slice: the wrong order
+    msgs = []
+    for pos in (torch.arange(start, start + 10)[None], None):
+        try:
+            with sd.sequence_parallel(model):
+                model(ids, pos=pos)
+            msgs.append("no error")
+        except ValueError as exc:
+            msgs.append(str(exc))
+    return msgs
+
+
+def test_slices_out_of_order_or_without_positions_are_errors():
+    got = run_ranks(2, _out_of_order)
+    assert got[0] == got[1]
+    assert "do not follow each other in rank order: they start at positions [10, 0]" in got[0][0]
+    assert "global positions" in got[0][1]

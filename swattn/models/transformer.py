@@ -92,9 +92,12 @@ class Attention(nn.Module):
         if self.group is not None:  # this rank holds a contiguous slice; rotary already used global positions
             if cache is not None:
                 raise ValueError("sequence-parallel layers take no cache")
+            if pos is None:
+                raise ValueError("under sequence_parallel, give the model this rank's global positions (pos=)")
             from swattn import distributed
 
-            out = distributed.sliding_window_attention(q, k, v, self.window, group=self.group, **kw)
+            out = distributed.sliding_window_attention(q, k, v, self.window, group=self.group,
+                                                       offset=int(pos[0, 0]), **kw)
         elif cache is None:
             out = sliding_window_attention(q, k, v, self.window, q_pos=pos, k_pos=pos, **kw)
         else:
