@@ -208,8 +208,9 @@ def _torchrun(*args, procs=2):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs), "--master-addr",
-           "127.0.0.1", "--master-port", str(_free_port()), "-m", "swattn.cli", *args]
+    # --standalone: a rendezvous on this machine at a port torchrun picks itself (no race for a free port)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
+           "-m", "swattn.cli", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
 
