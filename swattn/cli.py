@@ -33,7 +33,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from swattn.generate import Sampling, generate
-    from swattn.models.loading import load
     from swattn.profiling import fmt_bytes
 
     text = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text()

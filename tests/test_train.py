@@ -1,7 +1,6 @@
 """swattn train: the checkpoint it writes, exact resumption after Ctrl-C, and its errors."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -289,8 +289,8 @@ class _Run:
         from safetensors.torch import load_file
 
         if stored["fingerprint"] != self.fingerprint:
-            raise ValueError(f"--resume: the data's tokens differ from the checkpoint's (files changed or "
-                             f"other --data); resume with the same data")
+            raise ValueError("--resume: the data's tokens differ from the checkpoint's (files changed or "
+                             "other --data); resume with the same data")
         weights = load_file(str(self.ckpt / "weights.safetensors"))
         own = self.model.state_dict()
         if set(weights) != set(own) or any(weights[k].shape != own[k].shape for k in own):
