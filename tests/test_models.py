@@ -161,3 +161,9 @@ def test_bfloat16_is_as_close_to_fp32_as_transformers_own_bfloat16(family, tmp_p
     their_err = (theirs - exact).abs().max().item()
     for got in (whole, torch.cat(chunks, dim=1).double()):
         assert (got - exact).abs().max().item() <= 2 * their_err
+
+
+def test_loaded_models_are_ready_for_inference(pair):
+    _, _, ours, _ = pair
+    assert not any(p.requires_grad for p in ours.parameters())
+    assert ours(torch.randint(0, 256, (1, 5))).grad_fn is None  # no graph built by a plain call

@@ -46,7 +46,9 @@ def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None)
         dtype: ``torch.float32`` (default) or ``torch.bfloat16`` (or their names).
 
     Returns:
-        The model in eval mode; its config is ``model.cfg``, its tokenizer (from
+        The model in eval mode, ready for inference: no parameter requires a gradient, so a
+        direct ``model(ids)`` builds no autograd graph (to fine-tune, turn them on:
+        ``model.requires_grad_(True)``, as ``swattn train --init`` does). Its config is ``model.cfg``, its tokenizer (from
         ``tokenizer.json``, or None) ``model.tokenizer``, its stop token ids (from
         ``generation_config.json``, else ``config.json``) ``model.stop_tokens``.
 
@@ -92,6 +94,7 @@ def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None)
             raise
         except Exception as exc:
             raise ValueError(f"{file} is not a readable safetensors file (truncated?): {exc}") from exc
+    model.requires_grad_(False)
     model.path = path
     model.tokenizer = _tokenizer(path)
     model.stop_tokens = _stop_tokens(path, cfg)

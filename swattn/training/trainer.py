@@ -263,8 +263,7 @@ class _Run:
                 model.set_local_window(args.window)
                 hf = dict(hf, sliding_window=args.window)
             self.log(f"fine-tuning {args.init} ({hf.get('model_type')})")
-            for p in model.parameters():
-                p.requires_grad_(True)
+            model.requires_grad_(True)  # load() gives an inference model
             return model, hf, hf.get("max_position_embeddings", self.context)
         if args.config:
             hf = self._read_config(args.config)
