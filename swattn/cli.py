@@ -109,7 +109,7 @@ def _perplexity(args: argparse.Namespace) -> int:
     ids = model.tokenizer.encode(text, add_special_tokens=False).ids
     if len(ids) < 2:
         raise UserError(f"--file {args.file} holds {len(ids)} token(s): nothing to predict")
-    context = args.context or min(len(ids) + 1, _max_positions(model))
+    context = args.context or min(len(ids) + 1, model.cfg.max_position_embeddings or 8192)
     own = model.cfg.windows
     runs = windows or ["own"]
     results = []
@@ -150,13 +150,6 @@ def _positive_int(text: str, option: str) -> int:
     if value < 1:
         raise UserError(f"{option} must be >= 1, got {value}")
     return value
-
-
-def _max_positions(model) -> int:
-    import json
-
-    config = json.loads((model.path / "config.json").read_text())
-    return config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings") or 8192
 
 
 def _train(args: argparse.Namespace) -> int:

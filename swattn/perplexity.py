@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -35,7 +35,6 @@ class PerplexityResult:
     position_nll: torch.Tensor | None = None  # (context,) summed loss at each position in a segment
     position_count: torch.Tensor | None = None
     segments: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def loss(self) -> float:

@@ -47,6 +47,7 @@ class ModelConfig:
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    max_position_embeddings: int | None = None  # the positions the checkpoint was made for
 
     @property
     def scale(self) -> float:
@@ -96,6 +97,7 @@ class ModelConfig:
             pad_token_id=cfg.get("pad_token_id"),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
+            max_position_embeddings=cfg.get("max_position_embeddings"),
         )
         rope_local, rope_global = _ropes(model_type, cfg)
         if gemma:

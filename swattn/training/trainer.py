@@ -176,7 +176,7 @@ class _Run:
         docs = D.read_documents(files)
         self.tokenizer, self.tokenizer_from = self._tokenizer(args, docs, stored, preset)
         self.special = D.special_ids(self.tokenizer)
-        self.model, self.hf_config, self.max_pos = self._model(args, preset)
+        self.model, self.hf_config = self._model(args, preset)
         self._check_context(self.local_window)
         log(f"tokenizing {len(docs):,} documents...")
         self.corpus = D.tokenize(docs, self.tokenizer, self.special["eos"])
@@ -252,7 +252,7 @@ class _Run:
         except json.JSONDecodeError as exc:
             raise ValueError(f"--config: {path} is not valid JSON: {exc}") from exc
 
-    def _model(self, args: TrainArgs, preset) -> tuple[CausalLM, dict, int]:
+    def _model(self, args: TrainArgs, preset) -> tuple[CausalLM, dict]:
         vocab = self.tokenizer.get_vocab_size()
         if args.init:
             from swattn.models.loading import load
@@ -264,7 +264,7 @@ class _Run:
                 hf = dict(hf, sliding_window=args.window)
             self.log(f"fine-tuning {args.init} ({hf.get('model_type')})")
             model.requires_grad_(True)  # load() gives an inference model
-            return model, hf, hf.get("max_position_embeddings", self.context)
+            return model, hf
         if args.config:
             hf = self._read_config(args.config)
             cfg = ModelConfig.from_hf_config(hf)
@@ -282,7 +282,7 @@ class _Run:
                              "fine-tune other families with --init")
         model = CausalLM(cfg)
         _init_weights(model, args.seed)
-        return model, gemma2_config(cfg, max_pos), max_pos
+        return model, gemma2_config(cfg, max_pos)
 
     def _restore(self, stored: dict) -> None:
         from safetensors.torch import load_file
