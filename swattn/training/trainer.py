@@ -18,7 +18,6 @@ import json
 import math
 import re
 import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from swattn.interrupt import StopOnInterrupt
 from swattn.models.config import ModelConfig
 from swattn.models.saving import gemma2_config, save_checkpoint
 from swattn.models.transformer import CausalLM
@@ -426,29 +426,6 @@ def _broadcast(value: float, world: int) -> float:
     return float(t)
 
 
-class _StopOnInterrupt:
-    """The first Ctrl-C asks the loop to stop after the step in flight; a second one stops at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: Ctrl-C raises where it lands, as usual
-            pass
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step (Ctrl-C again to stop at once)...", file=sys.stderr, flush=True)
-
-    def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
-
-
 def train(args: TrainArgs, log=None, progress: bool | None = None) -> TrainResult:
     """Runs ``swattn train``.
 
@@ -482,7 +459,7 @@ def train(args: TrainArgs, log=None, progress: bool | None = None) -> TrainResul
         log(f"the checkpoint already finished its {run.total:,} steps")
     show = (sys.stderr.isatty() if progress is None else progress) and run.rank == 0
     bar = tqdm(total=run.total, initial=run.step, unit="step", disable=not show, dynamic_ncols=True)
-    stop = _StopOnInterrupt()
+    stop = StopOnInterrupt("stopping after this step (Ctrl-C again to stop at once)...").__enter__()
     started = time.perf_counter()
     seconds_before = run.seconds
     calibration: list[float] = []
