@@ -21,11 +21,12 @@ import sys
 import torch
 
 import swattn
+from swattn import dtypes
 from swattn.profiling import attention_flops, cell_worker, fmt_bytes, matmul_gflops, measure, run_cell_in_subprocess
 from swattn.window import visible
 
 IMPLS = ("swattn", "sdpa_dense", "flex")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = dtypes.SHORT
 BATCH, HEADS, HEADS_KV = 1, 8, 4
 
 

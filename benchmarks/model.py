@@ -23,13 +23,14 @@ import time
 
 import torch
 
+from swattn import dtypes
 from swattn.profiling import attention_flops, cell_worker, fmt_bytes, matmul_gflops, measure, run_cell_in_subprocess
 
 SHAPE = dict(vocab_size=4096, hidden_size=2304, intermediate_size=9216, num_hidden_layers=2, num_attention_heads=8,
              num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256, sliding_window=4096,
              max_position_embeddings=262144)
 IMPLS = ("swattn", "eager", "flex_attention")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = dtypes.SHORT
 
 
 def prefill_flops(n: int) -> float:

@@ -28,10 +28,11 @@ import tempfile
 
 import torch
 
+from swattn import dtypes
 from swattn.profiling import cell_worker, fmt_bytes, matmul_gflops, measure, run_cell_in_subprocess
 
 IMPLS = ("eager", "flex_attention", "swattn")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = dtypes.SHORT
 
 
 def _model_bench():

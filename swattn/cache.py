@@ -283,21 +283,6 @@ class FullCache(_LayerCache):
                                         self.slot_pos[:, :n].clone(), self.last_pos.clone()))
 
 
-def layer_windows(pattern: str, n_layers: int, window: int | None) -> list[int | None]:
-    """Per-layer windows (None = global) of the model families swattn knows.
-
-    ``gemma2``: local and global alternate, starting local. ``gemma3``: five local, then one
-    global. ``mistral``: every layer local (global if ``window`` is None).
-    """
-    if pattern == "gemma2":
-        return [window if i % 2 == 0 else None for i in range(n_layers)]
-    if pattern == "gemma3":
-        return [None if (i + 1) % 6 == 0 else window for i in range(n_layers)]
-    if pattern == "mistral":
-        return [window] * n_layers
-    raise ValueError(f"unknown layer pattern {pattern!r}; known: gemma2, gemma3, mistral")
-
-
 class ModelCache:
     """One cache per layer, the kind each layer's attention type asks for.
 

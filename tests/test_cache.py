@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import swattn
-from swattn.cache import FullCache, ModelCache, RingCache, layer_windows
+from swattn.cache import FullCache, ModelCache, RingCache
+from swattn.models.config import layer_windows
 
 W = 7
 HEADS, HEADS_KV, DIM = 4, 2, 16

@@ -13,10 +13,15 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from swattn import dtypes
 from swattn.models.config import ModelConfig
 from swattn.models.transformer import CausalLM
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Where multimodal Gemma 3 checkpoints keep the language model: transformers >= 4.52 writes
+# model.language_model.*, older ones language_model.model.* (its head: language_model.lm_head)
+TEXT_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
+HEAD_NAMES = ("lm_head.weight", "language_model.lm_head.weight")
+SKIPPED_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 # The built-in model: a small Gemma 2 trained by ``swattn train`` on Python's standard library
 BUILTIN = Path(__file__).resolve().parent.parent / "builtin_model"
 
@@ -38,56 +43,66 @@ def _shards(path: Path) -> dict[str, Path]:
 
 
 def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None) -> CausalLM:
-    """Loads a Gemma 2, Gemma 3 (text) or Mistral checkpoint directory.
+    """Loads a Gemma 2, Gemma 3 (text, or the text model of a multimodal one) or Mistral checkpoint directory.
 
     Args:
         path: a directory with ``config.json`` and ``model.safetensors`` (or sharded files
             with ``model.safetensors.index.json``); None: the built-in model (``BUILTIN``).
-        dtype: ``torch.float32`` (default) or ``torch.bfloat16`` (or their names).
+        dtype: ``torch.float32`` or ``torch.bfloat16`` (or their names); None: the
+            checkpoint's own (config.json's ``dtype``/``torch_dtype``; float16 runs as float32).
 
     Returns:
         The model in eval mode, ready for inference: no parameter requires a gradient, so a
         direct ``model(ids)`` builds no autograd graph (to fine-tune, turn them on:
-        ``model.requires_grad_(True)``, as ``swattn train --init`` does). Its config is ``model.cfg``, its tokenizer (from
-        ``tokenizer.json``, or None) ``model.tokenizer``, its stop token ids (from
-        ``generation_config.json``, else ``config.json``) ``model.stop_tokens``.
+        ``model.requires_grad_(True)``, as ``swattn train --init`` does). Its config is
+        ``model.cfg``, its tokenizer (from ``tokenizer.json``, or None) ``model.tokenizer``, its
+        stop token ids (from ``generation_config.json``, else ``config.json``)
+        ``model.stop_tokens``, the tensors it did not load (a multimodal checkpoint's vision
+        tower) ``model.skipped_tensors``.
 
     Raises:
-        FileNotFoundError: a missing file. ValueError: an unknown model type, a missing,
-        unexpected or misshapen tensor, or an unreadable (e.g. truncated) file, named.
+        FileNotFoundError: a missing file. ValueError: an unknown model type, a setting swattn
+        does not implement, a missing, unexpected or misshapen tensor, or an unreadable (e.g.
+        truncated) file, named.
     """
     path = BUILTIN if path is None else Path(path)
-    dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) or dtype is None else dtype
-    dtype = dtype or torch.float32
-    if dtype not in DTYPES.values():
-        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
     config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file} not found")
-    cfg = ModelConfig.from_hf_config(json.loads(config_file.read_text()))
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{config_file} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config_file} is not a JSON object")
+    cfg = ModelConfig.from_hf_config(raw)
+    dtype = dtypes.checkpoint_dtype(raw) if dtype is None else dtypes.model_dtype(dtype)
     with torch.device("meta"):
         model = CausalLM(cfg)
     model = model.to_empty(device="cpu").to(dtype)  # allocated once, filled below
     params = {f"model.{name}" if not name.startswith("lm_head") else name: p for name, p in model.state_dict().items()}
     located = _shards(path)
-    missing = sorted(set(params) - set(located))
+    source = {name: _stored_name(name, located) for name in params}
+    missing = sorted(name for name, stored in source.items() if stored is None)
     if missing:
         raise ValueError(f"checkpoint {path} lacks tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    unexpected = sorted(set(located) - set(params) - ({"lm_head.weight"} if cfg.tie_embeddings else set()))
+    used = set(source.values())
+    skipped = sorted(name for name in located if name.startswith(SKIPPED_PREFIXES))
+    tied_head = set(HEAD_NAMES) if cfg.tie_embeddings else set()
+    unexpected = sorted(set(located) - used - set(skipped) - tied_head)
     if unexpected:
         raise ValueError(f"checkpoint {path} has unexpected tensors: {', '.join(unexpected[:5])}")
     by_file: dict[Path, list[str]] = {}
     for name in params:
-        by_file.setdefault(located[name], []).append(name)
+        by_file.setdefault(located[source[name]], []).append(name)
     for file, names in by_file.items():
         try:
             with safe_open(file, framework="pt") as f:
                 for name in names:
-                    tensor = f.get_tensor(name)
+                    tensor = f.get_tensor(source[name])
                     if tensor.shape != params[name].shape:
-                        raise ValueError(
-                            f"tensor {name} in {file.name} has shape {tuple(tensor.shape)}, expected {tuple(params[name].shape)}"
-                        )
+                        raise ValueError(f"tensor {source[name]} in {file.name} has shape {tuple(tensor.shape)}, "
+                                         f"expected {tuple(params[name].shape)}")
                     with torch.no_grad():
                         params[name].copy_(tensor)
         except ValueError:
@@ -96,9 +111,18 @@ def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None)
             raise ValueError(f"{file} is not a readable safetensors file (truncated?): {exc}") from exc
     model.requires_grad_(False)
     model.path = path
+    model.skipped_tensors = skipped
     model.tokenizer = _tokenizer(path)
     model.stop_tokens = _stop_tokens(path, cfg)
     return model.eval()
+
+
+def _stored_name(name: str, located: dict[str, Path]) -> str | None:
+    """The checkpoint's name for our parameter ``name`` (``model.X`` or ``lm_head.weight``), or None."""
+    if name.startswith("lm_head"):
+        return next((n for n in HEAD_NAMES if n in located), None)
+    rest = name.removeprefix("model.")
+    return next((prefix + rest for prefix in TEXT_PREFIXES if prefix + rest in located), None)
 
 
 def _tokenizer(path: Path):
@@ -108,13 +132,19 @@ def _tokenizer(path: Path):
         return None
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(file))
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as exc:  # the tokenizers library raises its own Exception type
+        raise ValueError(f"{file} is not a readable tokenizer: {exc}") from None
 
 
 def _stop_tokens(path: Path, cfg: ModelConfig) -> tuple[int, ...]:
     """Stop tokens: ``generation_config.json``'s eos ids (instruction-tuned Gemma adds <end_of_turn>), else config's."""
     file = path / "generation_config.json"
-    eos = json.loads(file.read_text()).get("eos_token_id") if file.exists() else None
+    try:
+        eos = json.loads(file.read_text(encoding="utf-8")).get("eos_token_id") if file.exists() else None
+    except ValueError as exc:
+        raise ValueError(f"{file} is not valid JSON: {exc}") from None
     if eos is None:
         return cfg.eos_token_ids
     return tuple(eos if isinstance(eos, list) else [eos])

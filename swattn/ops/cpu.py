@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
+from swattn import dtypes
 from swattn.ops.plan import plan_blocks
 from swattn.ops.validate import Problem
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPES = dtypes.KERNEL
 BLOCK_K = 512  # keys per score tile; a module attribute so tests can shrink it
 ROWS = 128  # matrix rows per work item (queries x grouped heads)
 _SOURCE = Path(__file__).parent / "csrc" / "swattn_cpu.cpp"

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+from swattn import dtypes
+
+FLOAT_DTYPES = dtypes.ATTENTION
 
 
 @dataclass(frozen=True)
