@@ -7,6 +7,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from swattn import dtypes
+
 # name -> script in benchmarks/ (not "transformers.py": run as a script it would shadow the package)
 BENCHMARKS = {"attention": "attention.py", "cache": "cache.py", "model": "model.py",
               "transformers": "transformers_backend.py", "train": "train.py",
@@ -16,6 +18,10 @@ _BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 
 class UserError(Exception):
     """A mistake in what the user asked for: reported in one line, exit status 2."""
+
+
+class CommandError(Exception):
+    """A failure that is not a usage mistake (an unusable checkpoint, ...): one line, exit status 1."""
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -31,43 +37,169 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if run_demo(cfg)["ok"] else 1
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from swattn.generate import Sampling, generate
+def _sampling(args: argparse.Namespace):
+    """The sampling options, checked: one-line errors naming the option."""
+    from swattn.generate import Sampling
+
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.chunk_size < 1:
+        raise UserError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    if args.temperature < 0:
+        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise UserError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
+        raise UserError("--top-k/--top-p choose among tokens when sampling, but --temperature 0 (the default) is "
+                        "greedy: give --temperature > 0 as well")
+    return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
+def _stats_line(stats) -> str:
     from swattn.profiling import fmt_bytes
 
-    text = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text()
-    model = _load_model(args.model, args.dtype, "generate")
-    if model.tokenizer is None:
-        raise SystemExit(f"swattn generate: {args.model} has no tokenizer.json")
-    ids = model.tokenizer.encode(text).ids
-    if not ids:
-        raise SystemExit("swattn generate: the prompt encodes to no tokens")
-    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    return (f"prefill: {stats.prefilled:,} tokens in {stats.prefill_seconds:.2f} s "
+            f"({stats.prefilled / stats.prefill_seconds if stats.prefill_seconds else float('nan'):.1f} tokens/s); "
+            f"decode: {stats.new_tokens:,} tokens in {stats.decode_seconds:.2f} s "
+            f"({stats.decode_tokens_per_s:.1f} tokens/s); cache memory {fmt_bytes(stats.cache_bytes)}")
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    if args.prompt_file == "-":
+        return sys.stdin.read()
+    try:
+        return Path(args.prompt_file).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"--prompt-file {args.prompt_file}: not UTF-8 text") from None
+    except OSError as exc:
+        raise UserError(f"--prompt-file {args.prompt_file}: {exc.strerror or exc}") from None
+
+
+def _chat_template(model):
+    from swattn.chat import ChatTemplate
+
+    template = ChatTemplate.from_checkpoint(model.path)
+    if template is None:
+        raise UserError(f"{model.path} has no chat template (chat_template.jinja, or chat_template in "
+                        "tokenizer_config.json): it is not an instruction model; use swattn generate")
+    return template
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from swattn.generate import GenerationStats, generate
+    from swattn.interrupt import StopOnInterrupt
     from swattn.streaming import TextStream
 
-    stream_text = TextStream(model.tokenizer)
+    sampling = _sampling(args)
+    if args.system is not None and not args.chat:
+        raise UserError("--system goes with --chat")
+    text = _read_prompt(args)
+    model = _load_model(args.model, args.dtype, "generate")
+    if model.tokenizer is None:
+        raise CommandError(f"{model.path} has no tokenizer.json")
+    if args.chat:
+        from swattn.chat import check_system_supported, encode_rendered
 
-    def progress(done: int, total: int) -> None:
-        if total > args.chunk_size:  # a prompt in several chunks: show a progress bar
-            bar = "#" * (30 * done // total)
-            print(f"\rprefill [{bar:<30}] {done:,}/{total:,} tokens", end="" if done < total else "\n",
-                  file=sys.stderr, flush=True)
+        template = _chat_template(model)
+        if args.system:
+            check_system_supported(template)
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+            [{"role": "user", "content": text}]
+        ids = encode_rendered(model.tokenizer, template.render(messages))
+    else:
+        ids = model.tokenizer.encode(text).ids
+    if not ids:
+        raise UserError("the prompt encodes to no tokens")
+    stream_text = TextStream(model.tokenizer)
+    stops = set(model.stop_tokens)
+    stats = GenerationStats()
+    bar = tqdm(total=len(ids), desc="prefill", unit="tok", leave=False,
+               disable=len(ids) <= args.chunk_size or not sys.stderr.isatty())
 
     def stream(tokens: list[int | None]) -> None:
-        if tokens[0] is not None:  # multi-token characters are held back until complete
-            print(stream_text.push(tokens[0]), end="", flush=True)
+        if tokens[0] is not None and tokens[0] not in stops:  # the end token is not printed
+            print(stream_text.push(tokens[0]), end="", flush=True)  # held back until a character is complete
 
-    stats = generate(model, [ids], max_new_tokens=args.max_new_tokens, sampling=sampling,
-                     stop_tokens=model.stop_tokens, chunk_size=args.chunk_size, on_step=stream, on_prefill=progress)
+    with StopOnInterrupt("stopping after this step (Ctrl-C again to stop at once)...") as stop:
+        try:
+            generate(model, [ids], max_new_tokens=args.max_new_tokens, sampling=sampling,
+                     stop_tokens=model.stop_tokens, chunk_size=args.chunk_size, on_step=stream,
+                     on_prefill=lambda done, total: bar.update(done - bar.n), should_stop=stop, stats=stats)
+        except KeyboardInterrupt:  # a second Ctrl-C, mid-step
+            stop.requested = True
+        finally:
+            bar.close()
     print(stream_text.finish(), flush=True)
-    print(f"prefill: {stats.prompt_tokens:,} tokens in {stats.prefill_seconds:.2f} s "
-          f"({stats.prefill_tokens_per_s:.1f} tokens/s); decode: {stats.new_tokens:,} tokens in "
-          f"{stats.decode_seconds:.2f} s ({stats.decode_tokens_per_s:.1f} tokens/s); "
-          f"cache memory {fmt_bytes(stats.cache_bytes)}", file=sys.stderr)
+    print(_stats_line(stats), file=sys.stderr)
+    if stop.requested:
+        print("swattn generate: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
-def _load_model(path: str | None, dtype: str, command: str):
+def _chat(args: argparse.Namespace) -> int:
+    from swattn.chat import ChatSession, TemplateError
+    from swattn.interrupt import StopOnInterrupt
+
+    sampling = _sampling(args)
+    model = _load_model(args.model, args.dtype, "chat")
+    if model.tokenizer is None:
+        raise CommandError(f"{model.path} has no tokenizer.json")
+    session = ChatSession(model, _chat_template(model), system=args.system, sampling=sampling,
+                          max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        print("swattn chat: type a message; /reset starts over, /exit or Ctrl-D leaves, Ctrl-C stops a reply",
+              file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            break
+        except KeyboardInterrupt:  # at the prompt: a fresh line, as a shell does
+            print(file=sys.stderr)
+            continue
+        if not interactive and line == "":
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            session.reset()
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        with StopOnInterrupt() as stop:
+            try:
+                _, turn = session.send(text, on_text=lambda piece: print(piece, end="", flush=True), should_stop=stop)
+            except TemplateError as exc:
+                if not interactive:
+                    raise
+                print(f"swattn chat: error: {exc}", file=sys.stderr)
+                continue
+            except KeyboardInterrupt:  # a second Ctrl-C landed mid-step: the caches cannot be trusted
+                session.reset()
+                print("\n(stopped at once; the conversation was cleared)", file=sys.stderr)
+                continue
+        print(flush=True)
+        gen = turn.generation
+        print(f"({'stopped; ' if gen.stopped else ''}{gen.new_tokens} tokens at {gen.decode_tokens_per_s:.1f} "
+              f"tokens/s; prompt: {turn.prefilled} new tokens, {turn.reused} from the cache)", file=sys.stderr)
+    return 0
+
+
+def _load_model(path: str | None, dtype: str | None, command: str):
     """Loads ``--model`` (or the built-in model, saying so)."""
     from swattn.models.loading import BUILTIN, load
 
@@ -78,7 +210,11 @@ def _load_model(path: str | None, dtype: str, command: str):
               "--model DIR for another)", file=sys.stderr)
     elif not Path(path).is_dir():
         raise UserError(f"--model {path}: no such directory")
-    return load(path, dtype=dtype)
+    model = load(path, dtype=dtype)
+    if model.skipped_tensors:
+        print(f"swattn {command}: text only: skipped the vision tower ({len(model.skipped_tensors)} tensors)",
+              file=sys.stderr)
+    return model
 
 
 def _perplexity(args: argparse.Namespace) -> int:
@@ -191,12 +327,24 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
     return module.main(rest)
 
 
+def _add_sampling_options(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default {max_new_tokens}")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    parser.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (with --temperature > 0)")
+    parser.add_argument("--top-p", type=float, help="sample among the likeliest tokens holding this probability")
+    parser.add_argument("--seed", type=int, help="seed of the sampler")
+    parser.add_argument("--dtype", choices=dtypes.MODEL_NAMES, help="default: the checkpoint's own")
+    parser.add_argument("--chunk-size", type=int, default=2048, help="prompt tokens per prefill step")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``swattn`` command."""
     parser = argparse.ArgumentParser(prog="swattn", description="Exact sliding-window attention, fast on CPU.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command")
-    demo = sub.add_parser("demo", help="a tour on the built-in model: completion, long input through the caches, "
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error (or SWATTN_DEBUG=1)")
+    demo = sub.add_parser("demo", parents=[common], help="a tour on the built-in model: completion, long input through the caches, "
                                        "the op next to dense attention (about a minute)")
     demo.add_argument("--n", type=int, default=16384, help="sequence length (default 16384)")
     demo.add_argument("--window", type=int, default=4096, help="window (default 4096, Gemma 2's)")
@@ -206,20 +354,26 @@ def main(argv: list[str] | None = None) -> int:
                       help="tokens streamed through the caches in part 2 (default 32768)")
     demo.add_argument("--plot", default="swattn-demo.png", help="where part 2's plot goes (default swattn-demo.png)")
     demo.add_argument("--op-only", action="store_true", help="only part 3: the op next to dense attention")
-    gen = sub.add_parser("generate", help="generate text from a Gemma 2 / Gemma 3 / Mistral checkpoint directory")
+    gen = sub.add_parser("generate", parents=[common],
+                         help="generate text from a Gemma 2 / Gemma 3 / Mistral checkpoint directory")
     gen.add_argument("--model", help="checkpoint directory (config.json, *.safetensors, tokenizer.json); "
                                       "default: the built-in model")
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text")
-    source.add_argument("--prompt-file", help="file holding the prompt (for long documents)")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--seed", type=int)
-    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    gen.add_argument("--chunk-size", type=int, default=2048, help="prompt tokens per prefill step")
-    tr = sub.add_parser("train", help="train a Gemma 2 model on text files (or fine-tune a checkpoint)",
+    source.add_argument("--prompt-file", help="file holding the prompt (for long documents); '-': standard input")
+    gen.add_argument("--chat", action="store_true", help="send the prompt as a user message through the "
+                                                         "checkpoint's chat template (instruction models)")
+    gen.add_argument("--system", help="with --chat: a system message")
+    _add_sampling_options(gen, max_new_tokens=128)
+    chat = sub.add_parser("chat", parents=[common], help="chat with an instruction checkpoint (its chat template; "
+                                                         "the caches carry over between turns)",
+                          description="An interactive conversation: one line per message; /reset starts over, "
+                                      "/exit or Ctrl-D leaves, Ctrl-C stops a reply. Reads messages from standard "
+                                      "input, one per line, when it is not a terminal.")
+    chat.add_argument("--model", required=True, help="instruction checkpoint directory (with a chat template)")
+    chat.add_argument("--system", help="a system message (templates that refuse one say so)")
+    _add_sampling_options(chat, max_new_tokens=512)
+    tr = sub.add_parser("train", parents=[common], help="train a Gemma 2 model on text files (or fine-tune a checkpoint)",
                         description="Trains a Gemma 2 architecture model with swattn's attention, forward and "
                                     "backward, on CPU; writes a Hugging Face checkpoint directory.")
     tr.add_argument("--data", nargs="+", required=True,
@@ -245,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--save-dtype", choices=["bfloat16", "float32"], help="dtype of the saved model (default bfloat16)")
     tr.add_argument("--seed", type=int, help="initialisation and data order (default 0)")
     tr.add_argument("--resume", action="store_true", help="continue the checkpoint in --out exactly where it stopped")
-    ppl = sub.add_parser("perplexity", help="perplexity and bits per byte of a text; quality against window",
+    ppl = sub.add_parser("perplexity", parents=[common], help="perplexity and bits per byte of a text; quality against window",
                          description="Streams a text through the model's caches in segments of --context tokens "
                                      "(each from an empty cache, <bos> first) and prints perplexity and bits per byte.")
     ppl.add_argument("--model", help="checkpoint directory (default: the built-in model)")
@@ -256,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     ppl.add_argument("--plot", help="PNG: loss against position in the segment, one line per window")
     ppl.add_argument("--kl-base", help="reference for KL divergence and top-1 agreement: a checkpoint directory, "
                                        "or float32/bfloat16 for this model in that dtype")
-    ppl.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ppl.add_argument("--dtype", choices=dtypes.MODEL_NAMES, help="default: the checkpoint's own")
     ppl.add_argument("--chunk-size", type=int, default=1024, help="tokens per forward through the caches")
     bench = sub.add_parser("bench", help="side-by-side benchmarks against peers",
                            description="Runs benchmarks/NAME.py; options after NAME go to it (try NAME --help).")
@@ -275,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         return _bench(args, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    commands = {"demo": _demo, "generate": _generate, "train": _train, "perplexity": _perplexity}
+    commands = {"demo": _demo, "generate": _generate, "chat": _chat, "train": _train, "perplexity": _perplexity}
     if args.command not in commands:
         parser.print_help()
         return 0
@@ -283,27 +437,45 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_reporting_errors(name: str, fn, args: argparse.Namespace) -> int:
-    """Runs a command; a user's mistake or a failure becomes one line on stderr (``--debug``: the traceback)."""
-    import os
+    """Runs a command; a user's mistake or a failure becomes one line on stderr (``--debug``: the traceback).
 
+    Exit status: 0 done, 1 a failure, 2 a usage mistake, 130 Ctrl-C, 141 the output pipe closed.
+    """
+    import os
+    import warnings
+
+    from swattn.chat import TemplateError
     from swattn.training.trainer import Interrupted
 
     debug = getattr(args, "debug", False) or os.environ.get("SWATTN_DEBUG") == "1"
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"swattn {name}: warning: {message}", file=sys.stderr)
+
+    if not debug:
+        warnings.showwarning = one_line_warning
     try:
         return fn(args)
-    except UserError as exc:
+    except BrokenPipeError:  # `swattn generate ... | head`: stop quietly; no flush error at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except (UserError, TemplateError) as exc:
+        if debug:
+            raise
         print(f"swattn {name}: error: {exc}", file=sys.stderr)
         return 2
     except Interrupted as exc:
         print(f"swattn {name}: {exc}", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError, RuntimeError) as exc:
+    except (CommandError, ValueError, TypeError, OSError, RuntimeError, ImportError) as exc:
         if debug:
             raise
         print(f"swattn {name}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"swattn {name}: interrupted", file=sys.stderr)
+        if debug:
+            raise
+        print(f"\nswattn {name}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from chat_fixtures import TEMPLATES, write_chat_checkpoint
 from swattn.chat import ChatSession, ChatTemplate, TemplateError, encode_rendered

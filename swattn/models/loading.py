@@ -8,6 +8,7 @@ weights are never held twice.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -95,7 +96,11 @@ def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None)
     by_file: dict[Path, list[str]] = {}
     for name in params:
         by_file.setdefault(located[source[name]], []).append(name)
-    for file, names in by_file.items():
+    from tqdm import tqdm
+
+    shards = tqdm(by_file.items(), desc="loading shards", unit="shard", leave=False,
+                  disable=len(by_file) < 2 or not sys.stderr.isatty())
+    for file, names in shards:
         try:
             with safe_open(file, framework="pt") as f:
                 for name in names:
