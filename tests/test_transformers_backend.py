@@ -133,3 +133,44 @@ def test_trainer_fine_tuning_through_swattn_follows_eager(tmp_path):
         assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), n
         moved |= not torch.equal(p, dict(base.named_parameters())[n])
     assert moved, "training did not change the weights"
+
+
+def test_the_mask_builder_decides_by_the_mask_function_and_refuses_other_patterns():
+    from transformers import masking_utils as mu
+
+    from swattn.integrations.transformers import _positions_mask, mask_pattern
+
+    assert mask_pattern(mu.causal_mask_function) == ("causal", None)
+    assert mask_pattern(mu.sliding_window_causal_mask_function(7)) == ("sliding", 7)
+    others = {
+        "chunked (Llama 4)": mu.chunked_causal_mask_function(4, torch.zeros(2, dtype=torch.long)),
+        "bidirectional": mu.bidirectional_mask_function,
+        "sliding bidirectional": mu.sliding_window_bidirectional_mask_function(4),
+        "causal or a custom function": mu.or_masks(mu.causal_mask_function, lambda b, h, q, k: k == 0),
+        "packed sequences": mu.remap_positions_for_packed_sequence(mu.causal_mask_function, torch.zeros(2, 9).long()),
+        "image blocks": mu.or_masks(mu.causal_mask_function, mu.blockwise_overlay(torch.zeros(2, 9).long())),
+    }
+    for name, fn in others.items():
+        with pytest.raises(ValueError, match="another attn_implementation"):  # allow_is_causal_skip would pass them
+            _positions_mask(2, 9, 9, mask_function=fn, allow_is_causal_skip=True)
+    # a static cache's decode step (no causal skip allowed) still gets positions, not a boolean mask
+    got = _positions_mask(2, 1, 9, q_offset=8, mask_function=mu.sliding_window_causal_mask_function(4),
+                          attention_mask=torch.ones(2, 9, dtype=torch.long), allow_is_causal_skip=False)
+    assert got is None or got.dtype == torch.int64
+
+
+def test_bidirectional_layers_and_attention_sinks_are_refused():
+    import transformers
+
+    from swattn.integrations.transformers import _attention
+    from test_models import TINY
+
+    cfg = transformers.Gemma3TextConfig(**TINY, query_pre_attn_scalar=16, use_bidirectional_attention=True)
+    model = transformers.Gemma3ForCausalLM._from_config(cfg, attn_implementation="swattn", dtype=torch.float32)
+    with pytest.raises(ValueError, match="another attn_implementation"):
+        model(torch.randint(0, 256, (1, 9)))
+    q, k, v = torch.randn(1, 4, 9, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
+    with pytest.raises(ValueError, match="attention sinks"):
+        _attention(None, q, k, v, None, s_aux=torch.zeros(4))
+    with pytest.raises(ValueError, match="is_causal=False"):
+        _attention(None, q, k, v, None, is_causal=False)

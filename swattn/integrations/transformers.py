@@ -21,23 +21,52 @@ NAME = "swattn"
 MIN_VERSION = (5, 0)
 
 
+def _closure(fn) -> dict:
+    """A closure's captured variables by name."""
+    cells = getattr(fn, "__closure__", None) or ()
+    return {name: cell.cell_contents for name, cell in zip(fn.__code__.co_freevars, cells)}
+
+
+def mask_pattern(mask_function) -> tuple[str, int | None]:
+    """Which pattern transformers' mask function is, by the identity of its parts.
+
+    Gives ``("causal", None)`` for ``causal_mask_function`` and ``("sliding", W)`` for
+    ``sliding_window_causal_mask_function(W)`` (an ``and_masks`` of the sliding overlay and
+    the causal function): the only two swattn implements.
+
+    Raises:
+        ValueError: any other pattern (chunked attention as in Llama 4, bidirectional masks,
+            packed sequences, image-token blocks, custom ``and``/``or`` mask functions), named.
+    """
+    from transformers import masking_utils as mu
+
+    if mask_function is mu.causal_mask_function:
+        return "causal", None
+    code = getattr(mask_function, "__code__", None)
+    if code is not None and code is mu.and_masks(mu.causal_mask_function).__code__:
+        parts = _closure(mask_function).get("mask_functions", ())
+        overlay = parts[0] if len(parts) == 2 and parts[1] is mu.causal_mask_function else None
+        if overlay is not None and getattr(overlay, "__code__", None) is mu.sliding_window_overlay(1).__code__:
+            return "sliding", int(_closure(overlay)["sliding_window"])
+    name = getattr(mask_function, "__qualname__", type(mask_function).__name__)
+    raise ValueError(f"swattn attention implements causal and sliding-window masks; this model builds another "
+                     f"({name}: chunked, bidirectional, packed-sequence or custom): use another attn_implementation")
+
+
 def _positions_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
                     mask_function=None, attention_mask: torch.Tensor | None = None, allow_is_causal_skip: bool = True,
                     use_vmap: bool = False, device="cpu", **kwargs) -> torch.Tensor | None:
     """transformers' mask-builder signature; gives positions instead of a (q x kv) boolean mask.
 
-    For the causal and sliding-window patterns (the window is the layer's, applied by the op),
-    with or without padding, everything the op needs is the position of each key (-1 for
-    padding) and of each query: ``(batch, kv_length + q_length)`` int64, keys first. ``None``
-    when there is no padding and the queries are the last keys. Any other pattern (custom
-    ``and``/``or`` mask functions, packed sequences) gets transformers' boolean mask, which
-    ``_attention`` accepts only if it is such a pattern after all.
+    The pattern is read from ``mask_function`` itself (:func:`mask_pattern`): causal or
+    sliding window (the window is the layer's, applied by the op); anything else is refused.
+    With or without padding, all the op needs is the position of each key (-1 for padding)
+    and of each query: ``(batch, kv_length + q_length)`` int64, keys first; ``None`` when
+    there is no padding and the queries are the last keys.
     """
-    from transformers.masking_utils import prepare_padding_mask, sdpa_mask
+    from transformers.masking_utils import prepare_padding_mask
 
-    if use_vmap or not (allow_is_causal_skip or q_length == 1):
-        return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
-                         allow_is_causal_skip=False, use_vmap=use_vmap, device=device, **kwargs)
+    mask_pattern(mask_function)
     q_offset, kv_offset = int(q_offset), int(kv_offset)
     k_idx = torch.arange(kv_length, device=device) + kv_offset
     padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
@@ -66,11 +95,18 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
 
     ``attention_mask`` is what :func:`_positions_mask` gave: None (the queries are the last
     ``q_len`` of the ``kv_len`` keys, as transformers' dynamic caches hand them over), or the
-    keys' and queries' positions; a boolean mask from elsewhere is accepted if it is a causal
-    or sliding-window one with padding.
+    keys' and queries' positions; a boolean mask from elsewhere (a caller's own 4-D mask) is
+    accepted if it equals a causal or sliding-window one with padding. Attention sinks and
+    non-causal layers are refused.
     """
     if dropout:
         raise ValueError("swattn attention has no dropout; set the model's attention_dropout to 0")
+    if kwargs.get("s_aux") is not None:
+        raise ValueError("swattn attention has no attention sinks (s_aux, as in gpt-oss): use another "
+                         "attn_implementation")
+    if kwargs.get("is_causal") is False or getattr(module, "is_causal", True) is False:
+        raise ValueError("swattn attention is causal; this layer is not (is_causal=False): use another "
+                         "attn_implementation")
     q_len, kv_len = query.shape[2], key.shape[2]
     q_pos = k_pos = None
     if attention_mask is not None:
