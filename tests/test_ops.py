@@ -103,3 +103,17 @@ def test_keys_that_are_a_prefix_of_a_larger_buffer(backend, small_blocks):
     dout = torch.randn_like(q)
     got = run_with_grads(lambda q, k, v: swattn.sliding_window_attention(q, k, v, 11, backend=backend), q, k, v, dout)
     assert_matches_oracle(got, oracle_with_grads(q, k, v, dout, window=11))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [3, 9, 20])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_query_blocks_much_taller_than_key_tiles(monkeypatch, dtype, window, softcap):
+    # block_q >= block_k + 2: a row's window can start past the end of a tile its block visits,
+    # so the per-row key range must be clamped to the tile (forward and backward)
+    from swattn.ops import cpu
+
+    monkeypatch.setattr(cpu, "ROWS", 64)
+    monkeypatch.setattr(cpu, "BLOCK_K", 4)
+    check("cpu", 1, 2, 2, 150, 150, 16, window=window, softcap=softcap, dtype=dtype)
+    check("cpu", 2, 4, 2, 70, 150, 16, window=window, softcap=softcap, dtype=dtype)

@@ -102,3 +102,28 @@ def test_lse_matches_the_oracle_and_merges_partial_results(backend, small_blocks
     total = torch.logaddexp(halves[0][1], halves[1][1])
     merged = sum(o * torch.exp(l - total).nan_to_num().unsqueeze(-1) for o, l in halves)
     torch.testing.assert_close(merged, ref_out, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("q_len,heads", [(1, 4), (1, 16), (3, 4), (20, 6)],
+                         ids=["decode", "decode-many-heads", "few-rows", "prefill"])
+def test_whatever_an_empty_slot_holds_never_reaches_the_output(backend, dtype, q_len, heads, small_blocks):
+    # every row-count path: <= 8 rows per item (decode), more (tiles, the native bf16 forward)
+    q, k, v = make_qkv(2, heads, 2, q_len, 40, 16, dtype=dtype)
+    k_pos = torch.stack([torch.randperm(40) for _ in range(2)])
+    k_pos[k_pos % 3 == 0] = -1  # empty slots of a cache
+    q_pos = torch.full((2, q_len), 39) - torch.arange(q_len).flip(0)
+    empty = (k_pos < 0)[:, None, :, None]
+    dout = torch.randn_like(q)
+    results = []
+    for fill in (0.0, float("nan"), float("inf")):
+        kf, vf = k.masked_fill(empty, fill), v.masked_fill(empty, fill)
+        got = run_with_grads(lambda q, k, v: swattn.sliding_window_attention(
+            q, k, v, 9, softcap=5.0, q_pos=q_pos, k_pos=k_pos, backend=backend), q, kf, vf, dout)
+        out, dq, dk, dv = got
+        assert torch.isfinite(out).all() and torch.isfinite(dq).all()
+        results.append((out, dq, dk.masked_fill(empty, 0), dv.masked_fill(empty, 0)))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)

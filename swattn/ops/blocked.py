@@ -48,6 +48,18 @@ def _masked_scores(
     return s.view(b, hkv, rows, kn), t
 
 
+def _key_tile(x: torch.Tensor, p: Problem, j0: int, j1: int, dtype: torch.dtype) -> torch.Tensor:
+    """Keys or values j0:j1 in ``dtype``; empty slots (position -1) as zeros.
+
+    Whatever an empty slot holds (NaN included) must not reach the output: its probability
+    is 0, but 0 * NaN is NaN in P.V (and in dS.K).
+    """
+    tile = x[:, :, j0:j1].to(dtype)
+    if p.k_pos is None:
+        return tile
+    return tile.masked_fill((p.k_pos[:, j0:j1] < 0)[:, None, :, None], 0.0)
+
+
 def _rows(x: torch.Tensor, p: Problem, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
     """Query-side rows start:stop of all heads of a group: (b, h, L, d) -> (b, hkv, g*n, d)."""
     xg = x.view(p.batch, p.heads_kv, p.groups, x.shape[2], x.shape[3])[:, :, :, start:stop]
@@ -72,13 +84,13 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem) -> tu
         acc = torch.zeros_like(qb)
         for j0, j1 in blk.key_ranges:
             mask = visible(qp[:, i0:i1], kp[:, j0:j1], p.window)
-            s, _ = _masked_scores(qb, k[:, :, j0:j1].to(cdt), mask, p)
+            s, _ = _masked_scores(qb, _key_tile(k, p, j0, j1, cdt), mask, p)
             m_new = torch.maximum(m, s.amax(-1))
             m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)  # rows with no key yet
             probs = torch.exp(s - m_safe.unsqueeze(-1))
             corr = torch.exp(m - m_safe)
             l = l * corr + probs.sum(-1)
-            acc = acc * corr.unsqueeze(-1) + probs @ v[:, :, j0:j1].to(cdt)
+            acc = acc * corr.unsqueeze(-1) + probs @ _key_tile(v, p, j0, j1, cdt)
             m = m_new
         seen = l > 0
         o = torch.where(seen.unsqueeze(-1), acc / l.clamp_min(1e-30).unsqueeze(-1), torch.zeros_like(acc))
@@ -113,7 +125,7 @@ def backward(
         blk_lse = blk_lse.masked_fill(torch.isinf(blk_lse), 0.0)  # such rows are fully masked
         dqb = torch.zeros_like(qb)
         for j0, j1 in blk.key_ranges:
-            kc, vc = k[:, :, j0:j1].to(cdt), v[:, :, j0:j1].to(cdt)
+            kc, vc = _key_tile(k, p, j0, j1, cdt), _key_tile(v, p, j0, j1, cdt)
             mask = visible(qp[:, i0:i1], kp[:, j0:j1], p.window)
             s, t = _masked_scores(qb, kc, mask, p)
             probs = torch.exp(s - blk_lse)

@@ -154,11 +154,13 @@ struct RowMask {
   bool exact;
 };
 
+// Always 0 <= lo <= hi <= j1 - j0: a row whose window starts past the tile's end (a query
+// block taller than a key tile) gets an empty range, never one past the tile's row of scores.
 inline RowMask row_mask(const Problem& pb, int64_t p, int64_t j0, int64_t j1) {
   if (pb.k_pos) return {0, j1 - j0, true};
-  int64_t lo = pb.window > 0 ? std::max(j0, p - pb.window + 1) : j0;
-  int64_t hi = std::min(j1, p + 1);
-  return {lo - j0, std::max(hi, lo) - j0, false};
+  const int64_t lo = std::min(j1, pb.window > 0 ? std::max(j0, p - pb.window + 1) : j0);
+  const int64_t hi = std::max(lo, std::min(j1, p + 1));
+  return {lo - j0, hi - j0, false};
 }
 
 inline bool key_visible(int64_t kp, int64_t p, int64_t window) {
@@ -243,6 +245,25 @@ struct KeyTile {
   const int64_t* k_pos;
 };
 
+// Empty slots (position -1) may hold anything, NaN included: a zero probability times NaN
+// is NaN in P.V (and in dS.K in the backward), so their K and V rows become zeros in the
+// tile. fp32 tiles point into the caller's tensor and are copied first, only when needed.
+inline void zero_empty_slots(KeyTile& kt, int64_t D, std::vector<float>& kbuf, std::vector<float>& vbuf) {
+  bool any = false;
+  for (int64_t j = 0; j < kt.kn && !any; ++j) any = kt.k_pos[j] < 0;
+  if (!any) return;
+  for (auto [src, buf] : {std::pair<const float**, std::vector<float>*>{&kt.k, &kbuf}, {&kt.v, &vbuf}}) {
+    if (*src != buf->data()) {
+      if (static_cast<int64_t>(buf->size()) < kt.kn * D) buf->resize(kt.kn * D);
+      std::copy(*src, *src + kt.kn * D, buf->data());
+      *src = buf->data();
+    }
+    for (int64_t j = 0; j < kt.kn; ++j) {
+      if (kt.k_pos[j] < 0) std::fill(buf->data() + j * D, buf->data() + (j + 1) * D, 0.0f);
+    }
+  }
+}
+
 template <typename T>
 inline KeyTile score_tile(const Problem& pb, const T* k, const T* v, int64_t b, int64_t hk, int64_t r,
                           const float* qt, int64_t rows, std::vector<float>& kbuf, std::vector<float>& vbuf,
@@ -254,6 +275,7 @@ inline KeyTile score_tile(const Problem& pb, const T* k, const T* v, int64_t b, 
   kt.k = tile(k + b * pb.k_sb + hk * pb.k_sh + kt.j0 * pb.D, kbuf, kt.kn * pb.D);
   kt.v = tile(v + b * pb.v_sb + hk * pb.v_sh + kt.j0 * pb.D, vbuf, kt.kn * pb.D);
   kt.k_pos = pb.k_pos ? pb.k_pos + b * pb.Lk + kt.j0 : nullptr;
+  if (kt.k_pos) zero_empty_slots(kt, pb.D, kbuf, vbuf);
   if (rows <= kSmallRows) {
     small_scores(rows, kt.kn, pb.D, pb.scale, qt, kt.k, s);
   } else {
@@ -402,11 +424,20 @@ inline void pv_kernel(const uint32_t* pp, const uint32_t* vp, int64_t pairs, int
 }
 
 // Pairs of consecutive V rows, interleaved: vp[p][d] = (V[2p][d], V[2p+1][d]); zeros past kn and D.
-inline void pack_v(const c10::BFloat16* v, int64_t kn, int64_t D, int64_t dp, uint32_t* vp) {
+// V rows of empty slots (kpos < 0) are packed as zeros: they may hold NaN, and 0 * NaN is NaN.
+inline void pack_v(const c10::BFloat16* v, int64_t kn, int64_t D, int64_t dp, uint32_t* vp, const int64_t* kpos) {
   for (int64_t p = 0; p < (kn + 1) / 2; ++p) {
     const c10::BFloat16* v0 = v + 2 * p * D;
     const bool has1 = 2 * p + 1 < kn;
     uint32_t* out = vp + p * dp;
+    if (kpos && (kpos[2 * p] < 0 || (has1 && kpos[2 * p + 1] < 0))) {
+      const bool keep0 = kpos[2 * p] >= 0, keep1 = has1 && kpos[2 * p + 1] >= 0;
+      for (int64_t d = 0; d < D; ++d) {
+        out[d] = (keep0 ? bf16_bits(v0[d]) : 0u) | (keep1 ? bf16_bits(v0[D + d]) << 16 : 0u);
+      }
+      for (int64_t d = D; d < dp; ++d) out[d] = 0;
+      continue;
+    }
     int64_t d = 0;
     for (; d + 16 <= D; d += 16) {
       const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + d)));
@@ -459,7 +490,7 @@ inline void native_item(const Problem& pb, const c10::BFloat16* q, const c10::BF
       const int64_t* kpos = pb.k_pos ? pb.k_pos + b * pb.Lk + j0 : nullptr;
       float* st = sc.st.data();
       scores_t(k + b * pb.k_sb + hk * pb.k_sh + j0 * D, kn, D, sc.qp.data(), rp, st);
-      pack_v(v + b * pb.v_sb + hk * pb.v_sh + j0 * D, kn, D, dp, sc.vp.data());
+      pack_v(v + b * pb.v_sb + hk * pb.v_sh + j0 * D, kn, D, dp, sc.vp.data(), kpos);
 
       for (int64_t r0 = 0; r0 < rp; r0 += 16) {
         // This vector's 16 query positions (two halves of 8 int64) and the window's lower edge.
