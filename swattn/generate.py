@@ -141,6 +141,10 @@ def generate(
         ids[row, longest - len(prompt):] = torch.tensor(list(prompt), dtype=torch.int64)
         pos[row, longest - len(prompt):] = torch.arange(first, first + len(prompt))
     generator = None if sampling.seed is None else torch.Generator(device=device).manual_seed(sampling.seed)
+    if device.type == "cpu":  # build the CPU kernel (once, saying so) before anything is timed
+        from swattn.ops import cpu
+
+        cpu.available()
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens, stats.tokens = sum(len(p) for p in prompts), [[] for _ in prompts]
     stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.int64, device=device)

@@ -55,33 +55,54 @@ def matmul_gflops(dtype: torch.dtype = torch.float32, size: int = 1024, repeat: 
     return 2 * size**3 / best / 1e9
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+def _status_kib(field: str) -> int | None:
+    """A field of /proc/self/status in KiB; None where there is no /proc (macOS, some containers)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _maxrss_bytes() -> int:
+    """The process's lifetime peak from getrusage (KiB on Linux, bytes on macOS)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def rss_bytes() -> int:
-    """Resident memory of this process now."""
-    return _status_kib("VmRSS") * 1024
+    """Resident memory of this process now (without /proc: the peak so far, the closest portable figure)."""
+    kib = _status_kib("VmRSS")
+    return kib * 1024 if kib is not None else _maxrss_bytes()
 
 
 def reset_peak_rss() -> None:
-    """Starts a new peak-memory measurement: frees what can be freed, resets Linux's VmHWM."""
+    """Starts a new peak-memory measurement: frees what can be freed, resets Linux's VmHWM.
+
+    Without /proc the peak cannot be reset: :func:`peak_rss_bytes` then gives the lifetime
+    peak, so a growth measured from it is a lower bound.
+    """
     gc.collect()
     try:  # return freed heap pages to the system, so they don't count as the new baseline
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
         pass
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident memory since the last :func:`reset_peak_rss` (or process start)."""
-    return _status_kib("VmHWM") * 1024
+    """Peak resident memory since the last :func:`reset_peak_rss` (without /proc: since the process started)."""
+    kib = _status_kib("VmHWM")
+    return kib * 1024 if kib is not None else _maxrss_bytes()
 
 
 def measure(

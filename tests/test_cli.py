@@ -52,3 +52,21 @@ def test_bench_train_runs_every_implementation(capsys, tmp_path):
     assert main(args) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.lstrip().startswith(("64 ", "128 "))]
     assert len(rows) == 2 and all(row.count(" s ") == 3 and "faster than" in row for row in rows)
+
+
+def test_demo_measures_memory_where_there_is_no_proc(monkeypatch, capsys):
+    import builtins
+
+    real_open = builtins.open
+
+    def no_proc(file, *args, **kwargs):
+        if str(file).startswith("/proc"):
+            raise FileNotFoundError(file)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_proc)
+    from swattn import profiling
+
+    assert profiling.rss_bytes() > 0 and profiling.peak_rss_bytes() >= profiling.rss_bytes() // 2
+    assert main(["demo", "--op-only", "--n", "700", "--window", "128"]) == 0
+    assert "(ok)" in capsys.readouterr().out

@@ -81,3 +81,50 @@ def test_cli_generate_streams_text_and_reports_speed(checkpoint, capsys):
     expected = generate(load(path), [[7, 8, 9]], max_new_tokens=5).tokens[0]
     assert out.split() == [f"w{t}" for t in expected]
     assert "tokens/s" in err and "cache memory" in err and "prefill [" in err
+
+
+def sample_support(logits, sampling, draws=3000):
+    from swattn.generate import choose
+
+    batch = torch.tensor(logits, dtype=torch.float32).log().expand(draws, -1)
+    return set(choose(batch, sampling, torch.Generator().manual_seed(0)).tolist())
+
+
+def test_top_p_keeps_the_fewest_tokens_that_reach_it():
+    probs = [0.5, 0.25, 0.125, 0.0625, 0.0625]
+    assert sample_support(probs, Sampling(temperature=1.0, top_p=0.4999)) == {0}
+    assert sample_support(probs, Sampling(temperature=1.0, top_p=0.5001)) == {0, 1}  # the crossing token is in
+    assert sample_support(probs, Sampling(temperature=1.0, top_p=0.7501)) == {0, 1, 2}
+    assert sample_support(probs, Sampling(temperature=1.0, top_p=1.0)) == {0, 1, 2, 3, 4}
+
+
+def test_top_k_keeps_every_token_tied_at_the_kth_value():
+    probs = [0.1, 0.25, 0.25, 0.25, 0.15]
+    assert sample_support(probs, Sampling(temperature=1.0, top_k=2)) == {1, 2, 3}  # as transformers: ties kept
+    assert sample_support(probs, Sampling(temperature=1.0, top_k=4)) == {1, 2, 3, 4}
+    # then top-p over the three survivors (1/3 each): one of them, or two (which ones among ties: sort order)
+    one = sample_support(probs, Sampling(temperature=1.0, top_k=2, top_p=0.3))
+    two = sample_support(probs, Sampling(temperature=1.0, top_k=2, top_p=0.5))
+    assert len(one) == 1 and len(two) == 2 and one < two <= {1, 2, 3}
+
+
+def test_decode_time_excludes_the_streaming_callback_and_the_kernel_build(checkpoint, monkeypatch):
+    import time
+
+    from swattn.ops import cpu
+
+    model = load(checkpoint[0])
+    built = []
+    real_available = cpu.available
+
+    def slow_build():  # as a first-time compile would be
+        if not built:
+            time.sleep(0.5)
+        built.append(1)
+        return real_available()
+
+    monkeypatch.setattr(cpu, "available", slow_build)
+    stats = generate(model, [[7, 8, 9]], max_new_tokens=6, on_step=lambda _: time.sleep(0.1))
+    assert built and stats.new_tokens == 6
+    assert stats.prefill_seconds < 0.5  # the build happened before the clock started
+    assert stats.decode_seconds < 0.5  # six 0.1 s callbacks are not decoding

@@ -117,3 +117,13 @@ def test_query_blocks_much_taller_than_key_tiles(monkeypatch, dtype, window, sof
     monkeypatch.setattr(cpu, "BLOCK_K", 4)
     check("cpu", 1, 2, 2, 150, 150, 16, window=window, softcap=softcap, dtype=dtype)
     check("cpu", 2, 4, 2, 70, 150, 16, window=window, softcap=softcap, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("q_len", [1, 3])
+@pytest.mark.parametrize("heads,heads_kv", [(4, 2), (8, 1)], ids=["gqa", "mqa-8-rows"])
+@pytest.mark.parametrize("window", [5, None])
+def test_low_precision_decode_rows(backend, dtype, q_len, heads, heads_kv, window):
+    # one query (or a few) per row: the <= 8-row path of the CPU kernel, in bf16/fp16
+    check(backend, 2, heads, heads_kv, q_len, 37, 64, window=window, softcap=30.0, dtype=dtype)
