@@ -164,3 +164,42 @@ def test_bf16_checkpoints_load_in_bf16_unless_told():
 
     assert load().embed_tokens.weight.dtype == torch.bfloat16  # the built-in model is stored in bfloat16
     assert load(dtype="float32").embed_tokens.weight.dtype == torch.float32
+
+
+def test_interactive_chat_on_a_terminal_survives_ctrl_c(chat_dir, tmp_path):
+    import os
+    import pty
+    import select
+
+    endless = broken_copy(chat_dir, tmp_path, lambda c: c)
+    (endless / "generation_config.json").write_text(json.dumps({"eos_token_id": []}))  # replies never end alone
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([*CLI, "chat", "--model", str(endless), "--max-new-tokens", "1000000"],
+                            stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    seen = b""
+
+    def read_until(marker: bytes, timeout: float = 60) -> None:
+        nonlocal seen
+        end = time.monotonic() + timeout
+        while marker not in seen:
+            assert time.monotonic() < end, seen.decode(errors="replace")[-500:]
+            if select.select([master], [], [], 0.5)[0]:
+                seen += os.read(master, 4096)
+
+    try:
+        read_until(b">>> ")
+        seen = b""
+        os.write(master, b"Hi\n")
+        read_until(b"Hi")  # the echo, then the reply streams
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)  # stops the reply, keeps the session
+        read_until(b">>> ")
+        assert b"stopped;" in seen and b"Traceback" not in seen
+        seen = b""
+        os.write(master, b"/exit\n")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
