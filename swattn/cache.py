@@ -33,6 +33,7 @@ class CacheState:
 
     kind: str
     tensors: tuple[torch.Tensor, ...]
+    dense: int | None = None  # the cache's ``dense`` when saved
 
 
 class _LayerCache:
@@ -52,6 +53,10 @@ class _LayerCache:
         self.v = torch.zeros_like(self.k)
         self.slot_pos = torch.full((batch, slots), -1, dtype=torch.int64, device=device)
         self.last_pos = torch.full((batch,), -1, dtype=torch.int64, device=device)
+        # Host-side bookkeeping: every row holds exactly positions 0 .. dense - 1 (None: not
+        # known to). While it holds, chunks that continue it (``aligned``) attend without
+        # per-key positions and without reading positions back from the tensors.
+        self.dense: int | None = 0
 
     @property
     def nbytes(self) -> int:
@@ -68,8 +73,12 @@ class _LayerCache:
         """Tokens seen per row, ``(batch,)``: the last stored position + 1 (0 when empty)."""
         return self.last_pos + 1
 
-    def _check(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Checks a chunk against the cache; gives its positions as (batch, chunk) int64."""
+    def _check(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, aligned: bool = False) -> torch.Tensor:
+        """Checks a chunk against the cache; gives its positions as (batch, chunk) int64.
+
+        ``aligned``: the caller vouches that the positions continue ``dense`` in every row
+        (see :meth:`ModelCache.aligned`), so their order is not read back and checked again.
+        """
         batch, heads_kv, _, head_dim = self.k.shape
         for name, t in (("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -91,6 +100,10 @@ class _LayerCache:
         if pos.shape != (batch, chunk):
             raise ValueError(f"pos must have shape ({batch}, {chunk}) or ({chunk},), got {tuple(pos.shape)}")
         pos = pos.to(device=self.k.device, dtype=torch.int64)
+        if aligned:
+            if self.dense is None:
+                raise ValueError("aligned=True needs a cache whose rows hold positions 0 .. dense - 1")
+            return pos
         # Positions of a row must increase, within the chunk and after what is stored.
         valid = pos >= 0
         if chunk == 1:  # the decode step: just after what is stored
@@ -119,9 +132,13 @@ class _LayerCache:
         """Stores a chunk; gives ``(keys, values, key_positions)`` that the chunk attends over."""
         raise NotImplementedError
 
+    def _update_aligned(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
+        """Stores a chunk that continues ``dense``; gives ``(keys, values)`` in time order, the chunk last."""
+        raise NotImplementedError
+
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, *,
-        softcap: float | None = None, scale: float | None = None,
+        softcap: float | None = None, scale: float | None = None, aligned: bool = False,
     ) -> torch.Tensor:
         """Stores a chunk's keys and values, then gives its attention output.
 
@@ -129,11 +146,23 @@ class _LayerCache:
             q: ``(batch, heads, chunk, head_dim)``; k, v: ``(batch, heads_kv, chunk, head_dim)``.
             pos: positions of the chunk's tokens, ``(batch, chunk)`` or ``(chunk,)``; -1 = padding.
             softcap, scale: as for :func:`swattn.sliding_window_attention`.
+            aligned: the caller vouches that every row's positions are ``dense, dense + 1, ...``
+                (:meth:`ModelCache.aligned` checks it once for all layers): the keys are then
+                handed to the op in time order without positions, its fastest path.
 
         Returns:
             ``(batch, heads, chunk, head_dim)``; padding tokens get zeros.
         """
-        keys, values, key_pos = self.update(k, v, pos)
+        # a ring's decode step writes its one slot in place and attends over the ring as it
+        # lies (slot order, by position): cheaper than putting it in time order
+        if aligned and self.dense is not None and (k.shape[2] > 1 or not isinstance(self, RingCache)):
+            pos = self._check(k, v, pos, aligned=True)
+            keys, values = self._update_aligned(k, v, pos)
+            self.dense += k.shape[2]
+            return sliding_window_attention(q, keys, values, self.window, softcap=softcap, scale=scale)
+        start = self.dense
+        keys, values, key_pos = self.update(k, v, pos, aligned=aligned and start is not None)
+        self.dense = start + k.shape[2] if aligned and start is not None else None
         q_pos = pos if pos.dim() == 2 else pos.unsqueeze(0).expand(q.shape[0], -1)
         return sliding_window_attention(
             q, keys, values, self.window, softcap=softcap, scale=scale, q_pos=q_pos.to(key_pos.device), k_pos=key_pos
@@ -141,7 +170,8 @@ class _LayerCache:
 
     def save(self) -> CacheState:
         """Gives a copy of the cache's state (cheap for a ring: window tokens)."""
-        return CacheState(type(self).__name__, tuple(t.clone() for t in (self.k, self.v, self.slot_pos, self.last_pos)))
+        return CacheState(type(self).__name__, tuple(t.clone() for t in (self.k, self.v, self.slot_pos, self.last_pos)),
+                          self.dense)
 
     def restore(self, state: CacheState) -> None:
         """Puts the cache back to a saved state of the same kind and shape."""
@@ -153,6 +183,7 @@ class _LayerCache:
         if isinstance(self, RingCache) and k.shape[2] != self.k.shape[2]:
             raise ValueError(f"cannot restore a ring of {k.shape[2]} slots into a ring of {self.k.shape[2]}")
         self._restore_buffers(k, v, slot_pos, last_pos)
+        self.dense = state.dense
 
     def _restore_buffers(self, k, v, slot_pos, last_pos) -> None:
         self.k.copy_(k)
@@ -178,7 +209,7 @@ class RingCache(_LayerCache):
         self.window = window
         self._init_buffers(batch, heads_kv, head_dim, window, dtype, device)
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
+    def update(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, aligned: bool = False):
         """Stores a chunk; gives what it attends over: ``(keys, values, key_positions)``.
 
         One token per row: written in place first (its slot held position p - window, which
@@ -186,7 +217,7 @@ class RingCache(_LayerCache):
         attends over the ring's old contents plus its own keys (its first queries need keys
         that its last tokens will overwrite), then only its last ``window`` tokens are kept.
         """
-        pos = self._check(k, v, pos)
+        pos = self._check(k, v, pos, aligned)
         if k.shape[2] == 1:
             self._store_one(k, v, pos[:, 0])
             return self.k, self.v, self.slot_pos
@@ -196,6 +227,27 @@ class RingCache(_LayerCache):
         keep = (pos >= 0) & (pos > pos.amax(dim=1, keepdim=True) - self.window)
         self._store(k, v, pos, keep, pos % self.window)
         return keys, values, key_pos
+
+    def _update_aligned(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
+        """The ring's tokens in time order, then the chunk's: slot p % window holds position p,
+        so the ring read from slot ``dense % window`` onwards and round is positions
+        ``dense - window .. dense - 1`` (or slots ``0 .. dense - 1`` before it has filled)."""
+        start, window, chunk = self.dense, self.window, k.shape[2]
+        if start <= window:
+            older_k, older_v = self.k[:, :, :start], self.v[:, :, :start]
+        else:
+            r = start % window
+            older_k = torch.cat([self.k[:, :, r:], self.k[:, :, :r]], dim=2)
+            older_v = torch.cat([self.v[:, :, r:], self.v[:, :, :r]], dim=2)
+        keys, values = torch.cat([older_k, k], dim=2), torch.cat([older_v, v], dim=2)
+        kept = min(chunk, window)  # the chunk's last `window` tokens stay, at slot p % window
+        first = start + chunk - kept
+        slots = torch.arange(first, first + kept, device=self.k.device) % window
+        self.k[:, :, slots] = k[:, :, chunk - kept:]
+        self.v[:, :, slots] = v[:, :, chunk - kept:]
+        self.slot_pos[:, slots] = pos[:, chunk - kept:]
+        self.last_pos.fill_(start + chunk - 1)
+        return keys, values
 
     def _store_one(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
         """The decode step: one scatter per buffer, no host synchronisation, padding rows kept as they were."""
@@ -248,14 +300,35 @@ class FullCache(_LayerCache):
         pad = self.slot_pos.new_full((self.slot_pos.shape[0], slots - self.slot_pos.shape[1]), -1)
         self.slot_pos = torch.cat([self.slot_pos, pad], dim=1)
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
+    def update(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, aligned: bool = False):
         """Stores a chunk at index = position; gives the stored keys so far (the chunk's included)."""
-        pos = self._check(k, v, pos)
+        pos = self._check(k, v, pos, aligned)
+        if aligned:  # known on the host: no read back
+            needed = self.dense + k.shape[2]
+            self._reserve(needed)
+            self._write_aligned(k, v, pos)
+            self._used = max(self._used, needed)
+            return self.k[:, :, : self._used], self.v[:, :, : self._used], self.slot_pos[:, : self._used]
         needed = int(pos.max()) + 1  # one host sync: the capacity check needs the value
         self._reserve(needed)
         self._store(k, v, pos, pos >= 0, pos.clamp_min(0))
         self._used = max(self._used, needed)
         return self.k[:, :, : self._used], self.v[:, :, : self._used], self.slot_pos[:, : self._used]
+
+    def _write_aligned(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        start, chunk = self.dense, k.shape[2]
+        self.k[:, :, start : start + chunk] = k
+        self.v[:, :, start : start + chunk] = v
+        self.slot_pos[:, start : start + chunk] = pos
+        self.last_pos.fill_(start + chunk - 1)
+
+    def _update_aligned(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
+        """Writes the chunk at index = position; the keys up to its end are in time order."""
+        needed = self.dense + k.shape[2]
+        self._reserve(needed)
+        self._write_aligned(k, v, pos)
+        self._used = max(self._used, needed)
+        return self.k[:, :, :needed], self.v[:, :, :needed]
 
     @property
     def nbytes_used(self) -> int:
@@ -280,7 +353,7 @@ class FullCache(_LayerCache):
         """Gives a copy of the stored part of the cache."""
         n = self._used
         return CacheState("FullCache", (self.k[:, :, :n].clone(), self.v[:, :, :n].clone(),
-                                        self.slot_pos[:, :n].clone(), self.last_pos.clone()))
+                                        self.slot_pos[:, :n].clone(), self.last_pos.clone()), self.dense)
 
 
 class ModelCache:
@@ -323,6 +396,20 @@ class ModelCache:
     def seq_len(self) -> torch.Tensor:
         """Tokens seen per row, ``(batch,)``, read from the first layer (all layers see the same tokens)."""
         return self.layers[0].seq_len
+
+    def aligned(self, pos: torch.Tensor) -> bool:
+        """Whether every row's positions ``pos`` ``(batch, chunk)`` continue what every layer holds densely.
+
+        One host read for all layers (they see the same positions); when True, each layer's
+        ``attend(..., aligned=True)`` takes the op's fastest path and reads nothing back.
+        """
+        start = self.layers[0].dense
+        if start is None or any(layer.dense != start for layer in self.layers):
+            return False
+        if pos.dim() != 2 or pos.shape[0] != self.layers[0].k.shape[0]:
+            return False
+        expected = torch.arange(start, start + pos.shape[1], device=pos.device, dtype=pos.dtype)
+        return bool((pos == expected).all())
 
     def save(self) -> tuple[CacheState, ...]:
         """Gives a copy of every layer's state, for prefix reuse."""

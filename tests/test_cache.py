@@ -200,3 +200,46 @@ def test_bytes_in_use_count_stored_positions_not_preallocated_ones():
     assert cache[0].nbytes_used == cache[0].nbytes  # a ring: all of it, always
     assert cache[1].nbytes_used == 10 * per_token < cache[1].nbytes
     assert cache.nbytes_used == cache[0].nbytes + 10 * per_token
+
+
+@pytest.mark.parametrize("kind", ["ring", "full", "full-windowed"])
+@pytest.mark.parametrize("chunks", [[5, 3, 1, 1, 9, 1, 20, 2], [1, 1, 1, 30, 7], [64, 1, 13]], ids=str)
+def test_aligned_chunks_take_the_fast_path_with_the_same_result(kind, chunks):
+    window = 8
+    make = {"ring": lambda: RingCache(2, 2, 16, window),
+            "full": lambda: FullCache(2, 2, 16),
+            "full-windowed": lambda: FullCache(2, 2, 16, window=window)}[kind]
+    fast, slow = make(), make()
+    start = 0
+    for chunk in chunks:
+        q = torch.randn(2, 4, chunk, 16)
+        k, v = torch.randn(2, 2, chunk, 16), torch.randn(2, 2, chunk, 16)
+        pos = torch.arange(start, start + chunk).expand(2, -1)
+        got = fast.attend(q, k, v, pos, softcap=5.0, aligned=True)
+        want = slow.attend(q, k, v, pos, softcap=5.0)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        start += chunk
+        assert fast.dense == start and slow.dense is None
+    for a, b in zip((fast.k, fast.v, fast.slot_pos, fast.last_pos), (slow.k, slow.v, slow.slot_pos, slow.last_pos)):
+        assert torch.equal(a, b)  # the same stored state either way
+
+
+def test_model_cache_knows_when_positions_continue_densely():
+    cache = ModelCache([4, None], 2, 2, 8, capacity=64)
+    assert cache.aligned(torch.arange(5).expand(2, -1))
+    assert not cache.aligned(torch.arange(1, 6).expand(2, -1))  # a gap
+    padded = torch.arange(5).expand(2, -1).clone()
+    padded[1, :2] = -1
+    assert not cache.aligned(padded)
+    k = torch.randn(2, 2, 5, 8)
+    for layer in cache.layers:
+        layer.attend(torch.randn(2, 2, 5, 8), k, k, padded)  # an irregular chunk: no longer known dense
+    assert not cache.aligned(torch.arange(5, 8).expand(2, -1))
+    fresh = ModelCache([4, None], 2, 2, 8, capacity=64)
+    pos = torch.arange(6).expand(2, -1)
+    for layer in fresh.layers:
+        layer.attend(torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8), pos, aligned=True)
+    state = fresh.save()
+    again = ModelCache([4, None], 2, 2, 8, capacity=64)
+    again.restore(state)
+    assert again.aligned(torch.arange(6, 7).expand(2, -1))  # a restored prefix keeps the fast path

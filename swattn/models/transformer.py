@@ -78,8 +78,9 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.gemma_norms)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.gemma_norms)
 
-    def forward(self, x, pos, cos, sin, cache=None):
-        """``x`` ``(batch, seq, hidden)``; ``pos`` ``(batch, seq)``, or None for 0..seq-1 without a cache."""
+    def forward(self, x, pos, cos, sin, cache=None, aligned=False):
+        """``x`` ``(batch, seq, hidden)``; ``pos`` ``(batch, seq)``, or None for 0..seq-1 without a cache;
+        ``aligned``: the positions continue what ``cache`` holds densely (see ``ModelCache.aligned``)."""
         batch, seq, _ = x.shape
         cfg = self.cfg
         q = self.q_proj(x).view(batch, seq, cfg.num_heads, cfg.head_dim).transpose(1, 2)
@@ -101,7 +102,7 @@ class Attention(nn.Module):
         elif cache is None:
             out = sliding_window_attention(q, k, v, self.window, q_pos=pos, k_pos=pos, **kw)
         else:
-            out = cache.attend(q, k, v, pos, **kw)
+            out = cache.attend(q, k, v, pos, aligned=aligned, **kw)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -152,8 +153,8 @@ class Block(nn.Module):
             self.post_feedforward_layernorm = norm()
         self.gemma = cfg.gemma_norms
 
-    def forward(self, x, pos, cos, sin, cache=None):
-        attn = self.self_attn(self.input_layernorm(x), pos, cos, sin, cache)
+    def forward(self, x, pos, cos, sin, cache=None, aligned=False):
+        attn = self.self_attn(self.input_layernorm(x), pos, cos, sin, cache, aligned)
         if self.gemma:
             h = x + self.post_attention_layernorm(attn)
             return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
@@ -241,7 +242,9 @@ class CausalLM(nn.Module):
         if cfg.gemma_norms:  # the scale is cast to the activation dtype first (48.0 exactly in bf16)
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
         rotations = {"local": rotary(pos, cfg.head_dim, cfg.rope_local), "global": rotary(pos, cfg.head_dim, cfg.rope_global)}
+        # one host read for all layers: do the positions continue what the caches hold densely?
+        aligned = cache is not None and cache.aligned(attn_pos)
         for i, layer in enumerate(self.layers):
             cos, sin = rotations["local" if cfg.windows[i] is not None else "global"]
-            x = layer(x, attn_pos, cos, sin, None if cache is None else cache[i])
+            x = layer(x, attn_pos, cos, sin, None if cache is None else cache[i], aligned)
         return self.norm(x[:, -1:] if last_only else x)
