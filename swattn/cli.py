@@ -45,16 +45,15 @@ def _sampling(args: argparse.Namespace):
         raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.chunk_size < 1:
         raise UserError(f"--chunk-size must be >= 1, got {args.chunk_size}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        raise UserError(f"--top-k must be >= 1, got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    try:  # Sampling checks its own fields; its messages name them as the options are named
+        sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    except ValueError as exc:
+        field, _, rest = str(exc).partition(" ")
+        raise UserError(f"--{field.replace('_', '-')} {rest}") from None
     if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
         raise UserError("--top-k/--top-p choose among tokens when sampling, but --temperature 0 (the default) is "
                         "greedy: give --temperature > 0 as well")
-    return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    return sampling
 
 
 def _stats_line(stats) -> str:
