@@ -126,7 +126,7 @@ class _LayerCache:
         self.k[b_idx, :, slot] = k[b_idx, :, t_idx]
         self.v[b_idx, :, slot] = v[b_idx, :, t_idx]
         self.slot_pos[b_idx, slot] = pos[b_idx, t_idx]
-        self.last_pos = torch.maximum(self.last_pos, pos.amax(dim=1))
+        self.last_pos.copy_(torch.maximum(self.last_pos, pos.amax(dim=1)))  # in place: row views share it
 
     def update(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
         """Stores a chunk; gives ``(keys, values, key_positions)`` that the chunk attends over."""
@@ -167,6 +167,29 @@ class _LayerCache:
         return sliding_window_attention(
             q, keys, values, self.window, softcap=softcap, scale=scale, q_pos=q_pos.to(key_pos.device), k_pos=key_pos
         )
+
+    def row(self, i: int) -> _LayerCache:
+        """A cache over row ``i`` alone whose buffers are views of this one's (writes go through).
+
+        What a server's sequence slot uses: it prefills its own prompt through the view while
+        the whole batch decodes through this cache. The batch cache's own bookkeeping then
+        no longer knows its rows are dense (each view keeps its own).
+        """
+        if not 0 <= i < self.k.shape[0]:
+            raise ValueError(f"row {i} out of range for a cache of {self.k.shape[0]} rows")
+        view = object.__new__(type(self))
+        view.__dict__.update(self.__dict__)
+        view.k, view.v = self.k[i : i + 1], self.v[i : i + 1]
+        view.slot_pos, view.last_pos = self.slot_pos[i : i + 1], self.last_pos[i : i + 1]
+        self.dense = None
+        view.dense = None
+        return view
+
+    def clear(self) -> None:
+        """Empties the cache in place (every slot free, nothing seen); buffers are kept."""
+        self.slot_pos.fill_(-1)
+        self.last_pos.fill_(-1)
+        self.dense = 0
 
     def save(self) -> CacheState:
         """Gives a copy of the cache's state (cheap for a ring: window tokens)."""
@@ -259,7 +282,7 @@ class RingCache(_LayerCache):
         self.k.scatter_(2, idx, torch.where(keep_old, self.k.gather(2, idx), k))
         self.v.scatter_(2, idx, torch.where(keep_old, self.v.gather(2, idx), v))
         self.slot_pos.scatter_(1, slot, torch.where(valid.view(batch, 1), pos.view(batch, 1), self.slot_pos.gather(1, slot)))
-        self.last_pos = torch.where(valid, pos, self.last_pos)
+        self.last_pos.copy_(torch.where(valid, pos, self.last_pos))
 
 
 class FullCache(_LayerCache):
@@ -314,6 +337,17 @@ class FullCache(_LayerCache):
         self._store(k, v, pos, pos >= 0, pos.clamp_min(0))
         self._used = max(self._used, needed)
         return self.k[:, :, : self._used], self.v[:, :, : self._used], self.slot_pos[:, : self._used]
+
+    def row(self, i: int) -> FullCache:
+        if self.capacity is None:
+            raise ValueError("row views need a FullCache of fixed capacity (a growing one reallocates its buffers)")
+        view = super().row(i)
+        view._used = self._used  # until the view is cleared for a new sequence
+        return view
+
+    def clear(self) -> None:
+        super().clear()
+        self._used = 0
 
     def _write_aligned(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
         start, chunk = self.dense, k.shape[2]
@@ -396,6 +430,17 @@ class ModelCache:
     def seq_len(self) -> torch.Tensor:
         """Tokens seen per row, ``(batch,)``, read from the first layer (all layers see the same tokens)."""
         return self.layers[0].seq_len
+
+    def row(self, i: int) -> ModelCache:
+        """Row ``i`` of every layer as a batch-1 :class:`ModelCache` of views (see ``_LayerCache.row``)."""
+        view = object.__new__(ModelCache)
+        view.layers = [layer.row(i) for layer in self.layers]
+        return view
+
+    def clear(self) -> None:
+        """Empties every layer in place."""
+        for layer in self.layers:
+            layer.clear()
 
     def aligned(self, pos: torch.Tensor) -> bool:
         """Whether every row's positions ``pos`` ``(batch, chunk)`` continue what every layer holds densely.

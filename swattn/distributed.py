@@ -405,9 +405,26 @@ def init_from_torchrun(timeout_s: float = 600.0) -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if not dist.is_initialized():
+        import atexit
+
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        atexit.register(finish)
     return True
+
+
+def finish() -> None:
+    """Leaves the process group cleanly: waits for every rank, then destroys it.
+
+    A rank that simply exits while another still uses the group (rank 0 saving the model)
+    tears down gloo's threads under it: an intermittent "terminate called without an
+    active exception" abort at exit. Registered at exit by :func:`init_from_torchrun`.
+    """
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def world() -> tuple[int, int]:
