@@ -442,6 +442,16 @@ class ModelCache:
         for layer in self.layers:
             layer.clear()
 
+    def forget_extent(self) -> None:
+        """Lets the global layers' visible extent shrink to the next chunk's furthest position.
+
+        A batch whose rows are reused for new sequences (a server's slots) would otherwise keep
+        attending up to the furthest position any earlier sequence reached.
+        """
+        for layer in self.layers:
+            if isinstance(layer, FullCache):
+                layer._used = 0
+
     def aligned(self, pos: torch.Tensor) -> bool:
         """Whether every row's positions ``pos`` ``(batch, chunk)`` continue what every layer holds densely.
 

@@ -198,6 +198,40 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    try:
+        from swattn.serve.server import ServeArgs, serve
+    except ImportError as exc:
+        raise CommandError(f"{exc.name or exc} is missing: pip install 'swattn[serve]'") from None
+    for name in ("parallel", "max_queue", "prefill_chunk", "snapshot_every"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be in [0, 65535], got {args.port}")
+    if args.prefix_cache_mb < 0:
+        raise UserError(f"--prefix-cache-mb must be >= 0, got {args.prefix_cache_mb}")
+    from swattn.models.loading import BUILTIN
+
+    path = Path(args.model) if args.model is not None else BUILTIN
+    if not (path / "config.json").is_file():
+        raise UserError(f"--model {args.model}: no config.json there" if args.model else "the built-in model is missing")
+    ctx = args.ctx_size
+    if ctx is None:
+        try:
+            ctx = min(json.loads((path / "config.json").read_text()).get("max_position_embeddings") or 8192, 8192)
+        except ValueError as exc:
+            raise CommandError(f"{path / 'config.json'} is not valid JSON: {exc}") from None
+    if ctx < 2:
+        raise UserError(f"--ctx-size must be >= 2, got {ctx}")
+    key = args.api_key or os.environ.get("SWATTN_API_KEY") or None
+    return serve(ServeArgs(model=args.model, host=args.host, port=args.port, parallel=args.parallel, ctx_size=ctx,
+                           dtype=args.dtype, api_key=key, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
+                           prefix_cache_mb=args.prefix_cache_mb, snapshot_every=args.snapshot_every, name=args.name))
+
+
 def _load_model(path: str | None, dtype: str | None, command: str):
     """Loads ``--model`` (or the built-in model, saying so)."""
     from swattn.models.loading import BUILTIN, load
@@ -372,6 +406,22 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--model", required=True, help="instruction checkpoint directory (with a chat template)")
     chat.add_argument("--system", help="a system message (templates that refuse one say so)")
     _add_sampling_options(chat, max_new_tokens=512)
+    srv = sub.add_parser("serve", parents=[common], help="an OpenAI-compatible HTTP server with continuous batching",
+                         description="Serves /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics, "
+                                     "/tokenize and /detokenize. Ctrl-C or SIGTERM stops it.")
+    srv.add_argument("--model", help="checkpoint directory (default: the built-in model)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    srv.add_argument("--parallel", type=int, default=4, help="requests generating at once (sequence slots)")
+    srv.add_argument("--ctx-size", type=int, help="positions per slot, prompt + completion (default: the model's "
+                                                  "max_position_embeddings, at most 8192)")
+    srv.add_argument("--dtype", choices=dtypes.MODEL_NAMES, help="default: the checkpoint's own")
+    srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set SWATTN_API_KEY)")
+    srv.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot (then 429)")
+    srv.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per engine step")
+    srv.add_argument("--prefix-cache-mb", type=int, default=1024, help="memory for saved prompt prefixes (0: off)")
+    srv.add_argument("--snapshot-every", type=int, default=512, help="save a prompt's caches every N tokens")
+    srv.add_argument("--name", help="the model name clients use (default: the directory's name)")
     tr = sub.add_parser("train", parents=[common], help="train a Gemma 2 model on text files (or fine-tune a checkpoint)",
                         description="Trains a Gemma 2 architecture model with swattn's attention, forward and "
                                     "backward, on CPU; writes a Hugging Face checkpoint directory.")
@@ -428,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
         return _bench(args, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    commands = {"demo": _demo, "generate": _generate, "chat": _chat, "train": _train, "perplexity": _perplexity}
+    commands = {"demo": _demo, "generate": _generate, "chat": _chat, "serve": _serve, "train": _train,
+                "perplexity": _perplexity}
     if args.command not in commands:
         parser.print_help()
         return 0

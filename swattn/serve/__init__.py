@@ -1,0 +1,1 @@
+"""``swattn serve``: an OpenAI-compatible server with continuous batching over ring caches."""

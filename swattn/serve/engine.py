@@ -1,0 +1,314 @@
+"""The serving engine: one thread owns the model and a fixed set of sequence slots.
+
+Each slot is one row of a batch :class:`~swattn.cache.ModelCache` allocated at start (rings
+for local layers, full caches of ``ctx_size`` positions for global ones), so memory is known
+up front. Every engine step:
+
+1. requests that were cancelled (a client went away) leave their slots, and waiting requests
+   take free slots, reusing the longest saved prefix of their prompt (:mod:`.prefix`);
+2. one decode step runs every decoding slot as one batch (the weights are read once for all);
+3. prompts are prefilled through their slot's row, at most ``prefill_chunk`` tokens per step
+   in all, so a long prompt never stalls the streams already running (chunked prefill).
+
+Requests talk to the HTTP layer through ``on_event`` callbacks, called from this thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from swattn.generate import Sampling, choose
+from swattn.serve.metrics import Metrics
+from swattn.serve.prefix import PrefixStore
+from swattn.streaming import TextStream
+
+
+class QueueFull(Exception):
+    """The wait queue is at ``max_queue``: retry later (HTTP 429)."""
+
+
+@dataclass
+class Request:
+    """One completion to run. ``on_event(kind, data)`` receives ``("text", str)`` pieces, then one
+    ``("done", {"finish_reason", "usage"})`` (or ``("error", message)``), from the engine thread."""
+
+    prompt: list[int]
+    max_tokens: int
+    sampling: Sampling
+    on_event: Callable[[str, object], None]
+    stop: list[str] = field(default_factory=list)
+    id: int = field(default_factory=itertools.count().__next__)
+    arrived: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class _Slot:
+    index: int
+    view: object  # the slot's row of the batch cache (a ModelCache of views)
+    request: Request | None = None
+    prefilled: int = 0
+    decoding: bool = False
+    next_pos: int = 0
+    last_token: int = 0
+    stream: TextStream | None = None
+    unsent: str = ""
+    generator: torch.Generator | None = None
+    last_emit: float = 0.0
+
+
+class Engine:
+    """Continuous batching over ``parallel`` slots of ``ctx_size`` positions each.
+
+    Args:
+        model: a loaded :class:`~swattn.models.transformer.CausalLM` with a tokenizer.
+        parallel: sequence slots (requests generating at once).
+        ctx_size: positions per slot (prompt + completion).
+        prefill_chunk: prompt tokens prefilled per engine step, across all slots.
+        max_queue: requests that may wait for a slot before new ones are refused.
+        prefix_cache_bytes: memory for saved prefixes (0: no reuse).
+        snapshot_every: a prompt's caches are saved every this many tokens (and at its end).
+        metrics: where to count (a fresh :class:`Metrics` if None).
+    """
+
+    def __init__(self, model, *, parallel: int = 4, ctx_size: int = 4096, prefill_chunk: int = 512,
+                 max_queue: int = 64, prefix_cache_bytes: int = 1 << 30, snapshot_every: int = 512,
+                 metrics: Metrics | None = None):
+        for name, value in (("parallel", parallel), ("ctx_size", ctx_size), ("prefill_chunk", prefill_chunk),
+                            ("snapshot_every", snapshot_every)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if model.tokenizer is None:
+            raise ValueError(f"{model.path} has no tokenizer.json")
+        self.model, self.parallel, self.ctx_size = model, parallel, ctx_size
+        self.prefill_chunk, self.max_queue, self.snapshot_every = prefill_chunk, max_queue, snapshot_every
+        self.stop_tokens = set(model.stop_tokens)
+        self.cache = model.new_cache(parallel, capacity=ctx_size)
+        self.slots = [_Slot(i, self.cache.row(i)) for i in range(parallel)]
+        for slot in self.slots:
+            slot.view.clear()
+        self.prefixes = PrefixStore(prefix_cache_bytes)
+        self.metrics = metrics or Metrics()
+        self.metrics.slots.set(parallel)
+        self.metrics.kv_bytes.set(self.cache.nbytes)
+        self._waiting: deque[Request] = deque()
+        self._wake = threading.Condition()
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0  # engine steps that did work (tests and benchmarks read it)
+
+    # ---- the HTTP side -------------------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        """Queues a request; raises :class:`QueueFull` when ``max_queue`` are already waiting."""
+        if len(request.prompt) + request.max_tokens > self.ctx_size:
+            raise ValueError(f"{len(request.prompt)} prompt tokens + max_tokens {request.max_tokens} exceed the "
+                             f"context of {self.ctx_size} tokens")
+        with self._wake:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting")
+            self._waiting.append(request)
+            self.metrics.waiting.set(len(self._waiting))
+            self._wake.notify()
+
+    def cancel(self, request: Request) -> None:
+        """Marks a request cancelled: it leaves its slot (or the queue) at the next step; nothing more is computed."""
+        request.cancelled = True
+        with self._wake:
+            self._wake.notify()
+
+    def cancel_all(self) -> None:
+        """Cancels every running and waiting request (a server shutting down)."""
+        with self._wake:
+            for request in self._waiting:
+                request.cancelled = True
+            for slot in self.slots:
+                if slot.request is not None:
+                    slot.request.cancelled = True
+            self._wake.notify()
+
+    def start(self) -> None:
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="swattn-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stops the loop; requests still running or waiting end with finish_reason "cancelled"."""
+        with self._wake:
+            self._running = False
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for slot in self.slots:
+            if slot.request is not None:
+                self._finish(slot, "cancelled")
+        while self._waiting:
+            self._waiting.popleft().on_event("done", {"finish_reason": "cancelled", "usage": None})
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._waiting) or any(s.request is not None for s in self.slots)
+
+    # ---- the engine thread ------------------------------------------------------------------
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while self._running and not self.busy:
+                        self._wake.wait()
+                    if not self._running:
+                        return
+                try:
+                    self.step()
+                except Exception as exc:  # never leave a client hanging: fail what was running
+                    for slot in self.slots:
+                        if slot.request is not None:
+                            slot.request.on_event("error", f"engine failure: {exc}")
+                            self._release(slot)
+
+    def step(self) -> None:
+        """One engine step: admissions, a batched decode step, then prefill within the budget."""
+        self._admit()
+        self._decode()
+        self._prefill()
+        self.steps += 1
+        self.metrics.kv_bytes_used.set(self.cache.nbytes_used)
+
+    def _admit(self) -> None:
+        for slot in self.slots:
+            if slot.request is not None and slot.request.cancelled:
+                self._finish(slot, "cancelled")
+        with self._wake:
+            while self._waiting and self._waiting[0].cancelled:
+                self._waiting.popleft().on_event("done", {"finish_reason": "cancelled", "usage": None})
+            free = [s for s in self.slots if s.request is None]
+            while free and self._waiting:
+                request = self._waiting.popleft()
+                if request.cancelled:
+                    request.on_event("done", {"finish_reason": "cancelled", "usage": None})
+                    continue
+                self._assign(free.pop(0), request)
+            self.metrics.waiting.set(len(self._waiting))
+        self.metrics.running.set(sum(s.request is not None for s in self.slots))
+
+    def _assign(self, slot: _Slot, request: Request) -> None:
+        slot.view.clear()
+        slot.request, slot.prefilled, slot.decoding, slot.unsent = request, 0, False, ""
+        slot.stream = TextStream(self.model.tokenizer)
+        seed = request.sampling.seed
+        slot.generator = None if seed is None else torch.Generator().manual_seed(seed)
+        self.metrics.prompt_tokens.inc(len(request.prompt))
+        self.metrics.prefix_queries.inc()
+        found = self.prefixes.longest(request.prompt, below=len(request.prompt))
+        if found is not None:  # continue from the saved caches: the rings as they were after the prefix
+            slot.view.restore(found.state)
+            slot.prefilled = request.cached_tokens = found.length
+            self.metrics.prefix_hits.inc()
+            self.metrics.prefix_hit_tokens.inc(found.length)
+
+    def _decode(self) -> None:
+        active = [s for s in self.slots if s.request is not None and s.decoding]
+        if not active:
+            return
+        ids = torch.zeros(self.parallel, 1, dtype=torch.int64)
+        pos = torch.full((self.parallel, 1), -1, dtype=torch.int64)  # idle and prefilling rows: untouched
+        for s in active:
+            ids[s.index, 0], pos[s.index, 0] = s.last_token, s.next_pos
+        self.cache.forget_extent()  # global layers attend up to the furthest active position only
+        logits = self.model(ids, pos, self.cache, last_only=True)[:, -1]
+        for s in active:
+            s.next_pos += 1
+            self._emit(s, self._sample(s, logits[s.index : s.index + 1]))
+
+    def _prefill(self) -> None:
+        budget = self.prefill_chunk
+        for slot in sorted((s for s in self.slots if s.request is not None and not s.decoding),
+                           key=lambda s: s.request.arrived):
+            prompt = slot.request.prompt
+            while budget > 0 and not slot.decoding:
+                start = slot.prefilled
+                end = min(len(prompt), start + budget, (start // self.snapshot_every + 1) * self.snapshot_every)
+                ids = torch.tensor([prompt[start:end]])
+                logits = self.model(ids, torch.arange(start, end).view(1, -1), slot.view, last_only=True)
+                slot.prefilled, budget = end, budget - (end - start)
+                self.metrics.prefilled_tokens.inc(end - start)
+                if (end % self.snapshot_every == 0 or end == len(prompt)) and not self.prefixes.has(prompt[:end]):
+                    self.prefixes.put(prompt[:end], slot.view.save())
+                    self.metrics.prefix_bytes.set(self.prefixes.nbytes)
+                if end == len(prompt):
+                    slot.decoding, slot.next_pos = True, end
+                    self.metrics.ttft.observe(time.perf_counter() - slot.request.arrived)
+                    slot.last_emit = time.perf_counter()
+                    self._emit(slot, self._sample(slot, logits[:, -1]))
+            if budget <= 0:
+                return
+
+    def _sample(self, slot: _Slot, logits: torch.Tensor) -> int:
+        return int(choose(logits, slot.request.sampling, slot.generator)[0])
+
+    def _emit(self, slot: _Slot, token: int) -> None:
+        """Streams one generated token's text; ends the request on a stop token, a stop string or its length."""
+        request = slot.request
+        now = time.perf_counter()
+        if request.completion_tokens:
+            self.metrics.itl.observe(now - slot.last_emit)
+        slot.last_emit = now
+        if token in self.stop_tokens:
+            request.completion_tokens += 1
+            self._finish(slot, "stop")
+            return
+        request.completion_tokens += 1
+        self.metrics.generated_tokens.inc()
+        slot.last_token = token
+        slot.unsent += slot.stream.push(token)
+        if self._send(slot, final=False):
+            self._finish(slot, "stop", flush=False)
+        elif request.completion_tokens >= request.max_tokens:
+            self._finish(slot, "length")
+
+    def _send(self, slot: _Slot, final: bool) -> bool:
+        """Sends what of ``unsent`` cannot begin a stop string; True when a stop string was met (cut there)."""
+        request, text = slot.request, slot.unsent
+        hits = [(text.find(s), s) for s in request.stop if s and s in text]
+        if hits:
+            cut = min(hits)[0]
+            if cut:
+                request.on_event("text", text[:cut])
+            slot.unsent = ""
+            return True
+        keep = 0
+        if not final:  # hold back a tail that may be the start of a stop string
+            for stop in request.stop:
+                for n in range(min(len(stop) - 1, len(text)), 0, -1):
+                    if text.endswith(stop[:n]):
+                        keep = max(keep, n)
+                        break
+        if len(text) > keep:
+            request.on_event("text", text[: len(text) - keep])
+            slot.unsent = text[len(text) - keep :]
+        return False
+
+    def _finish(self, slot: _Slot, reason: str, flush: bool = True) -> None:
+        request = slot.request
+        if flush and reason != "cancelled":
+            slot.unsent += slot.stream.finish()
+            if self._send(slot, final=True):
+                reason = "stop"
+        usage = {"prompt_tokens": len(request.prompt), "completion_tokens": request.completion_tokens,
+                 "total_tokens": len(request.prompt) + request.completion_tokens,
+                 "prompt_tokens_details": {"cached_tokens": request.cached_tokens}}
+        self.metrics.requests.labels(reason).inc()
+        self._release(slot)
+        request.on_event("done", {"finish_reason": reason, "usage": usage})
+
+    def _release(self, slot: _Slot) -> None:
+        slot.request, slot.decoding, slot.stream, slot.unsent = None, False, None, ""
+        self.metrics.running.set(sum(s.request is not None for s in self.slots))
