@@ -3,6 +3,7 @@ until it is ready), uvicorn serves, Ctrl-C/SIGTERM end running requests and stop
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 from dataclasses import dataclass
@@ -69,6 +70,14 @@ def serve(args: ServeArgs, log=None) -> int:
             if self.started:  # say the real port (--port 0 picks a free one)
                 port = self.servers[0].sockets[0].getsockname()[1]
                 log(f"listening on http://{args.host}:{port} (model {name})")
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn re-raises the signal after its graceful shutdown, which would kill the
+            # process before the engine stops: a requested stop is a normal exit here
+            with super().capture_signals():
+                yield
+                self._captured_signals.clear()
 
         def handle_exit(self, sig, frame):  # end running requests at once, so their streams close
             if state.engine is not None:
