@@ -260,7 +260,11 @@ def create_app(state: ServerState) -> FastAPI:
         sampling, stop = _sampling(body), _stop(body)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
+        ignore_eos = body.get("ignore_eos", False)
+        if not isinstance(ignore_eos, bool):
+            raise ApiError(400, "'ignore_eos' must be a boolean", "ignore_eos")
         req = EngineRequest(prompt=list(prompt), max_tokens=max_tokens, sampling=sampling, stop=stop,
+                            ignore_eos=ignore_eos,
                             on_event=lambda kind, data: loop.call_soon_threadsafe(events.put_nowait, (kind, data)))
         try:
             eng.submit(req)

@@ -46,6 +46,7 @@ class Request:
     stop: list[str] = field(default_factory=list)
     id: int = field(default_factory=itertools.count().__next__)
     arrived: float = field(default_factory=time.perf_counter)
+    ignore_eos: bool = False  # generate max_tokens whatever comes (benchmarks)
     cancelled: bool = False
     cached_tokens: int = 0
     completion_tokens: int = 0
@@ -261,7 +262,7 @@ class Engine:
         if request.completion_tokens:
             self.metrics.itl.observe(now - slot.last_emit)
         slot.last_emit = now
-        if token in self.stop_tokens:
+        if token in self.stop_tokens and not request.ignore_eos:
             request.completion_tokens += 1
             self._finish(slot, "stop")
             return
