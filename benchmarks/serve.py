@@ -136,14 +136,14 @@ def row(name: str, r: dict) -> str:
 def scenario_load(urls: dict, args, vocab: int) -> None:
     print(f"# load: {args.prompt_len}-token prompts, {args.output_len} new tokens; latencies in ms (p50 p99)")
     print(f"{'server @ conc.':>18} | {'reqs':>4} {'out tok/s':>8} {'req/s':>7} | {'TTFT':>15} | {'ITL':>15} | "
-          f"{'TPOT':>15}")
+          f"{'TPOT':>15} | decode tok/s (conc. / ITL p50)")
     for c in args.concurrency:
         prompts = random_prompts(max(args.requests_per_level, c), args.prompt_len, vocab, seed=c)
         figures = {}
         for name, url in urls.items():
             asyncio.run(run_load(url, prompts[:1], 4, 1))  # warm-up
             figures[name] = asyncio.run(run_load(url, prompts, args.output_len, c))
-            print(row(f"{name} @ {c}", figures[name]), flush=True)
+            print(row(f"{name} @ {c}", figures[name]) + f" | {c / pct(figures[name]['itl'], 50):8.1f}", flush=True)
         if len(figures) > 1:
             peer = [n for n in figures if n != "swattn"][0]
             print(f"{'':>18}   swattn / {peer} output tokens/s: {figures['swattn']['tok_s'] / figures[peer]['tok_s']:.2f}x")
@@ -163,12 +163,13 @@ def scenario_interference(url: str, args, vocab: int) -> None:
 
     results, long_req, arrive, done = asyncio.run(go())
     before, during = [], []
+    decoding = max(r["start"] + r["ttft"] for r in results)  # every stream past its own prefill
     for r in results:
         times = [r["start"] + r["ttft"]]
         for gap in r["itl"]:
             times.append(times[-1] + gap)
         for t0, gap in zip(times, r["itl"]):
-            (during if arrive <= t0 < done else before if t0 < arrive else []).append(gap)
+            (during if arrive <= t0 < done else before if decoding <= t0 < arrive else []).append(gap)
     p99_before, p99_during = pct(before, 99), pct(during, 99)
     print(f"# interference: 4 streams decoding; a {args.long_len}-token prompt arrives (its TTFT "
           f"{long_req['ttft']:.2f} s)")

@@ -168,22 +168,26 @@ class _LayerCache:
             q, keys, values, self.window, softcap=softcap, scale=scale, q_pos=q_pos.to(key_pos.device), k_pos=key_pos
         )
 
-    def row(self, i: int) -> _LayerCache:
-        """A cache over row ``i`` alone whose buffers are views of this one's (writes go through).
+    def rows(self, start: int, stop: int) -> _LayerCache:
+        """A cache over rows ``start:stop`` whose buffers are views of this one's (writes go through).
 
-        What a server's sequence slot uses: it prefills its own prompt through the view while
-        the whole batch decodes through this cache. The batch cache's own bookkeeping then
-        no longer knows its rows are dense (each view keeps its own).
+        What a server uses: each sequence slot prefills its own prompt through a one-row view,
+        and a decode step runs the rows in use through a view of them. The batch cache's own
+        bookkeeping then no longer knows its rows are dense (each view keeps its own).
         """
-        if not 0 <= i < self.k.shape[0]:
-            raise ValueError(f"row {i} out of range for a cache of {self.k.shape[0]} rows")
+        if not 0 <= start < stop <= self.k.shape[0]:
+            raise ValueError(f"rows {start}:{stop} out of range for a cache of {self.k.shape[0]} rows")
         view = object.__new__(type(self))
         view.__dict__.update(self.__dict__)
-        view.k, view.v = self.k[i : i + 1], self.v[i : i + 1]
-        view.slot_pos, view.last_pos = self.slot_pos[i : i + 1], self.last_pos[i : i + 1]
+        view.k, view.v = self.k[start:stop], self.v[start:stop]
+        view.slot_pos, view.last_pos = self.slot_pos[start:stop], self.last_pos[start:stop]
         self.dense = None
         view.dense = None
         return view
+
+    def row(self, i: int) -> _LayerCache:
+        """Row ``i`` alone as a view (see :meth:`rows`)."""
+        return self.rows(i, i + 1)
 
     def clear(self) -> None:
         """Empties the cache in place (every slot free, nothing seen); buffers are kept."""
@@ -342,10 +346,10 @@ class FullCache(_LayerCache):
         self._used = max(self._used, needed)
         return self.k[:, :, : self._used], self.v[:, :, : self._used], self.slot_pos[:, : self._used]
 
-    def row(self, i: int) -> FullCache:
+    def rows(self, start: int, stop: int) -> FullCache:
         if self.capacity is None:
             raise ValueError("row views need a FullCache of fixed capacity (a growing one reallocates its buffers)")
-        view = super().row(i)
+        view = super().rows(start, stop)
         view._used = self._used  # until the view is cleared for a new sequence
         return view
 
@@ -435,11 +439,15 @@ class ModelCache:
         """Tokens seen per row, ``(batch,)``, read from the first layer (all layers see the same tokens)."""
         return self.layers[0].seq_len
 
-    def row(self, i: int) -> ModelCache:
-        """Row ``i`` of every layer as a batch-1 :class:`ModelCache` of views (see ``_LayerCache.row``)."""
+    def rows(self, start: int, stop: int) -> ModelCache:
+        """Rows ``start:stop`` of every layer as a :class:`ModelCache` of views (see ``_LayerCache.rows``)."""
         view = object.__new__(ModelCache)
-        view.layers = [layer.row(i) for layer in self.layers]
+        view.layers = [layer.rows(start, stop) for layer in self.layers]
         return view
+
+    def row(self, i: int) -> ModelCache:
+        """Row ``i`` of every layer as a batch-1 :class:`ModelCache` of views."""
+        return self.rows(i, i + 1)
 
     def clear(self) -> None:
         """Empties every layer in place."""

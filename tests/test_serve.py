@@ -228,7 +228,7 @@ def test_api_key_queue_limit_and_shutdown_while_streaming(model_dir):
         assert httpx.get(url + "/v1/models", headers={"authorization": "Bearer wrong"}).status_code == 401
         assert httpx.get(url + "/health").status_code == 200  # probes need no key
         auth = {"authorization": "Bearer sekret"}
-        long = {"prompt": "go", "max_tokens": 4000, "temperature": 0, "stream": True}
+        long = {"prompt": "go", "max_tokens": 4000, "temperature": 0, "stream": True, "ignore_eos": True}
         streams, seen = [], []
 
         def hold(i):
@@ -266,3 +266,17 @@ def test_serve_refuses_bad_options_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "swattn.cli", "serve", "--parallel", "0"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--parallel" in proc.stderr
+
+
+def test_health_says_503_until_the_model_is_loaded():
+    from fastapi.testclient import TestClient
+
+    from swattn.serve.api import ServerState, create_app
+
+    state = ServerState(model_name="m")
+    client = TestClient(create_app(state))
+    assert client.get("/health").status_code == 503
+    busy = client.post("/v1/completions", json={"prompt": "x"})
+    assert busy.status_code == 503 and busy.json()["error"]["code"] == "loading"
+    state.load_error = "could not load the model: no config.json"
+    assert client.get("/health").json()["error"] == state.load_error

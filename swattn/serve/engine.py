@@ -95,6 +95,8 @@ class Engine:
         self.stop_tokens = set(model.stop_tokens)
         self.cache = model.new_cache(parallel, capacity=ctx_size)
         self.slots = [_Slot(i, self.cache.row(i)) for i in range(parallel)]
+        # decode steps run rows 0 .. n-1 only (slots are taken lowest index first): a view per n
+        self._leading = [self.cache.rows(0, n) for n in range(1, parallel + 1)]
         for slot in self.slots:
             slot.view.clear()
         self.prefixes = PrefixStore(prefix_cache_bytes)
@@ -219,12 +221,14 @@ class Engine:
         active = [s for s in self.slots if s.request is not None and s.decoding]
         if not active:
             return
-        ids = torch.zeros(self.parallel, 1, dtype=torch.int64)
-        pos = torch.full((self.parallel, 1), -1, dtype=torch.int64)  # idle and prefilling rows: untouched
+        n = max(s.index for s in active) + 1
+        ids = torch.zeros(n, 1, dtype=torch.int64)
+        pos = torch.full((n, 1), -1, dtype=torch.int64)  # idle and prefilling rows: untouched
         for s in active:
             ids[s.index, 0], pos[s.index, 0] = s.last_token, s.next_pos
-        self.cache.forget_extent()  # global layers attend up to the furthest active position only
-        logits = self.model(ids, pos, self.cache, last_only=True)[:, -1]
+        cache = self._leading[n - 1]
+        cache.forget_extent()  # global layers attend up to the furthest active position only
+        logits = self.model(ids, pos, cache, last_only=True)[:, -1]
         for s in active:
             s.next_pos += 1
             self._emit(s, self._sample(s, logits[s.index : s.index + 1]))
