@@ -142,8 +142,8 @@ def test_closed_streams_free_their_slots_and_others_continue(server, client, ref
                                                              temperature=0, stream=True) if c.choices)))
     survivor.start()
     for _ in range(3):  # streams that ask for many tokens and leave after a few
-        with httpx.stream("POST", server + "/v1/completions", json={"prompt": "leave early", "max_tokens": 400, "ignore_eos": True,
-                                                                   "stream": True, "temperature": 0}) as response:
+        body = {"prompt": "leave early", "max_tokens": 400, "ignore_eos": True, "stream": True, "temperature": 0}
+        with httpx.stream("POST", server + "/v1/completions", json=body) as response:
             for i, _line in enumerate(response.iter_lines()):
                 if i > 4:
                     break
