@@ -48,7 +48,7 @@ def _with_tokenizer(path: str) -> str:
 def start_swattn(path: str, args) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "swattn.cli", "serve", "--model", path, "--port", "0", "--dtype", args.dtype,
            "--parallel", str(args.parallel), "--ctx-size", str(args.ctx_size), "--name", "bench",
-           "--max-queue", "4096"]
+           "--max-queue", "4096", *args.serve_option]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     url = None
     deadline = time.monotonic() + 300
@@ -72,6 +72,13 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], ma
     """Streams one completion; gives its timings (and usage)."""
     body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
+    try:
+        return await _stream(client, url, body, cancel_after)
+    except httpx.HTTPError as exc:  # counted as an error of this request, not the end of the benchmark
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+async def _stream(client: httpx.AsyncClient, url: str, body: dict, cancel_after: int | None) -> dict:
     start = time.perf_counter()
     arrivals, usage, chunks = [], None, 0
     async with client.stream("POST", url + "/v1/completions", json=body) as response:
@@ -97,7 +104,7 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], ma
 
 async def run_load(url: str, prompts: list[list[int]], max_tokens: int, concurrency: int) -> dict:
     limit = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(timeout=None) as client:
+    async with _client() as client:
         async def bounded(p):
             async with limit:
                 return await one_request(client, url, p, max_tokens)
@@ -112,6 +119,12 @@ async def run_load(url: str, prompts: list[list[int]], max_tokens: int, concurre
     itl = [x for r in ok for x in r["itl"]]
     return {"requests": len(ok), "errors": len(results) - len(ok), "wall": wall, "tok_s": out_tokens / wall,
             "req_s": len(ok) / wall, "ttft": [r["ttft"] for r in ok], "itl": itl, "tpot": [r["tpot"] for r in ok]}
+
+
+def _client() -> httpx.AsyncClient:
+    # a connection per request: a server closing an idle keep-alive connection (llama-server does)
+    # must not fail the next request sent on it
+    return httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_keepalive_connections=0))
 
 
 def pct(values: list[float], q: float) -> float:
@@ -151,7 +164,7 @@ def scenario_load(urls: dict, args, vocab: int) -> None:
 
 def scenario_interference(url: str, args, vocab: int) -> None:
     async def go():
-        async with httpx.AsyncClient(timeout=None) as client:
+        async with _client() as client:
             streams = [asyncio.create_task(one_request(client, url, p, args.output_len * 4))
                        for p in random_prompts(4, args.prompt_len, vocab, seed=7)]
             await asyncio.sleep(args.settle)
@@ -181,7 +194,7 @@ def scenario_prefix(url: str, args, vocab: int) -> None:
     shared = random_prompts(1, args.prefix_len, vocab, seed=11)[0]
 
     async def ttft(prompt):
-        async with httpx.AsyncClient(timeout=None) as client:
+        async with _client() as client:
             return await one_request(client, url, prompt, 4)
 
     cold = asyncio.run(ttft(shared + random_prompts(1, 16, vocab, seed=12)[0]))
@@ -205,7 +218,7 @@ def scenario_cancel(url: str, pid: int, args, vocab: int) -> None:
 
     async def go(batch):
         limit = asyncio.Semaphore(16)
-        async with httpx.AsyncClient(timeout=None) as client:
+        async with _client() as client:
             async def bounded(i, p):
                 async with limit:
                     return await one_request(client, url, p, 24, cancel_after=4 if i % 5 == 0 else None)
@@ -238,10 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long-len", type=int, default=16384, help="the long prompt of the interference scenario")
     parser.add_argument("--prefix-len", type=int, default=2048)
     parser.add_argument("--cancel-requests", type=int, default=1000)
-    parser.add_argument("--settle", type=float, default=2.0, help="seconds of decoding before the long prompt")
+    parser.add_argument("--settle", type=float, default=5.0, help="seconds of decoding before the long prompt")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--parallel", type=int, default=16, help="swattn's slots")
     parser.add_argument("--ctx-size", type=int, default=17408)
+    parser.add_argument("--serve-option", nargs="*", default=[],
+                        help="more options for swattn serve, e.g. --serve-option=--prefill-chunk-decoding=32")
     parser.add_argument("--peer-url", help="a running OpenAI-compatible server with the same model (llama-server)")
     parser.add_argument("--peer-name", default="llama-server")
     parser.add_argument("--url", help="benchmark this running swattn server instead of starting one")

@@ -74,7 +74,10 @@ class Engine:
         model: a loaded :class:`~swattn.models.transformer.CausalLM` with a tokenizer.
         parallel: sequence slots (requests generating at once).
         ctx_size: positions per slot (prompt + completion).
-        prefill_chunk: prompt tokens prefilled per engine step, across all slots.
+        prefill_chunk: prompt tokens prefilled per engine step, across all slots, while no
+            stream is decoding.
+        prefill_chunk_decoding: the same while streams decode: each step's prefill delays every
+            stream's next token, so it is kept to a few decode steps' worth (Sarathi-style).
         max_queue: requests that may wait for a slot before new ones are refused.
         prefix_cache_bytes: memory for saved prefixes (0: no reuse).
         snapshot_every: a prompt's caches are saved every this many tokens (and at its end).
@@ -82,16 +85,17 @@ class Engine:
     """
 
     def __init__(self, model, *, parallel: int = 4, ctx_size: int = 4096, prefill_chunk: int = 512,
-                 max_queue: int = 64, prefix_cache_bytes: int = 1 << 30, snapshot_every: int = 512,
+                 prefill_chunk_decoding: int = 32, max_queue: int = 64, prefix_cache_bytes: int = 1 << 30, snapshot_every: int = 512,
                  metrics: Metrics | None = None):
         for name, value in (("parallel", parallel), ("ctx_size", ctx_size), ("prefill_chunk", prefill_chunk),
-                            ("snapshot_every", snapshot_every)):
+                            ("prefill_chunk_decoding", prefill_chunk_decoding), ("snapshot_every", snapshot_every)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if model.tokenizer is None:
             raise ValueError(f"{model.path} has no tokenizer.json")
         self.model, self.parallel, self.ctx_size = model, parallel, ctx_size
         self.prefill_chunk, self.max_queue, self.snapshot_every = prefill_chunk, max_queue, snapshot_every
+        self.prefill_chunk_decoding = prefill_chunk_decoding
         self.stop_tokens = set(model.stop_tokens)
         self.cache = model.new_cache(parallel, capacity=ctx_size)
         self.slots = [_Slot(i, self.cache.row(i)) for i in range(parallel)]
@@ -234,7 +238,8 @@ class Engine:
             self._emit(s, self._sample(s, logits[s.index : s.index + 1]))
 
     def _prefill(self) -> None:
-        budget = self.prefill_chunk
+        decoding = any(s.request is not None and s.decoding for s in self.slots)
+        budget = self.prefill_chunk_decoding if decoding else self.prefill_chunk
         for slot in sorted((s for s in self.slots if s.request is not None and not s.decoding),
                            key=lambda s: s.request.arrived):
             prompt = slot.request.prompt
