@@ -85,8 +85,8 @@ class Engine:
     """
 
     def __init__(self, model, *, parallel: int = 4, ctx_size: int = 4096, prefill_chunk: int = 512,
-                 prefill_chunk_decoding: int = 32, max_queue: int = 64, prefix_cache_bytes: int = 1 << 30, snapshot_every: int = 512,
-                 metrics: Metrics | None = None):
+                 prefill_chunk_decoding: int = 32, max_queue: int = 64, prefix_cache_bytes: int = 1 << 30,
+                 snapshot_every: int = 512, metrics: Metrics | None = None):
         for name, value in (("parallel", parallel), ("ctx_size", ctx_size), ("prefill_chunk", prefill_chunk),
                             ("prefill_chunk_decoding", prefill_chunk_decoding), ("snapshot_every", snapshot_every)):
             if value < 1:

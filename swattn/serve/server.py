@@ -41,8 +41,8 @@ def _load(state: ServerState, args: ServeArgs, log) -> None:
         model = load(args.model, dtype=args.dtype)
         cpu.available()  # build the CPU kernel before the first request waits for it
         engine = Engine(model, parallel=args.parallel, ctx_size=args.ctx_size, prefill_chunk=args.prefill_chunk,
-                        prefill_chunk_decoding=args.prefill_chunk_decoding, max_queue=args.max_queue, prefix_cache_bytes=args.prefix_cache_mb << 20,
-                        snapshot_every=args.snapshot_every)
+                        prefill_chunk_decoding=args.prefill_chunk_decoding, max_queue=args.max_queue,
+                        prefix_cache_bytes=args.prefix_cache_mb << 20, snapshot_every=args.snapshot_every)
         state.template = ChatTemplate.from_checkpoint(model.path)
         engine.start()
         state.engine = engine
