@@ -134,8 +134,11 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
+RUN_SEED = random.SystemRandom().randrange(1 << 30)  # fresh prompts every run: no server's cache from an earlier run
+
+
 def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
+    rng = random.Random(RUN_SEED + seed)
     return [[rng.randrange(4, vocab) for _ in range(length)] for _ in range(n)]
 
 
@@ -256,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=16, help="swattn's slots")
     parser.add_argument("--ctx-size", type=int, default=17408)
     parser.add_argument("--serve-option", nargs="*", default=[],
-                        help="more options for swattn serve, e.g. --serve-option=--prefill-chunk-decoding=32")
+                        help="more options for swattn serve, e.g. --serve-option=--itl-factor=4")
     parser.add_argument("--peer-url", help="a running OpenAI-compatible server with the same model (llama-server)")
     parser.add_argument("--peer-name", default="llama-server")
     parser.add_argument("--url", help="benchmark this running swattn server instead of starting one")

@@ -206,11 +206,13 @@ def _serve(args: argparse.Namespace) -> int:
         from swattn.serve.server import ServeArgs, serve
     except ImportError as exc:
         raise CommandError(f"{exc.name or exc} is missing: pip install 'swattn[serve]'") from None
-    for name in ("parallel", "max_queue", "prefill_chunk", "prefill_chunk_decoding", "snapshot_every"):
+    for name in ("parallel", "max_queue", "prefill_chunk", "snapshot_every"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be in [0, 65535], got {args.port}")
+    if not args.itl_factor > 1:
+        raise UserError(f"--itl-factor must be > 1, got {args.itl_factor}")
     if args.prefix_cache_mb < 0:
         raise UserError(f"--prefix-cache-mb must be >= 0, got {args.prefix_cache_mb}")
     from swattn.models.loading import BUILTIN
@@ -229,7 +231,7 @@ def _serve(args: argparse.Namespace) -> int:
     key = args.api_key or os.environ.get("SWATTN_API_KEY") or None
     return serve(ServeArgs(model=args.model, host=args.host, port=args.port, parallel=args.parallel, ctx_size=ctx,
                            dtype=args.dtype, api_key=key, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
-                           prefill_chunk_decoding=args.prefill_chunk_decoding,
+                           itl_factor=args.itl_factor,
                            prefix_cache_mb=args.prefix_cache_mb, snapshot_every=args.snapshot_every, name=args.name))
 
 
@@ -419,11 +421,10 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--dtype", choices=dtypes.MODEL_NAMES, help="default: the checkpoint's own")
     srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set SWATTN_API_KEY)")
     srv.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot (then 429)")
-    srv.add_argument("--prefill-chunk", type=int, default=512,
-                     help="prompt tokens prefilled per engine step while no stream decodes (default 512)")
-    srv.add_argument("--prefill-chunk-decoding", type=int, default=32,
-                     help="prompt tokens prefilled per engine step while streams decode (default 32: their "
-                          "inter-token latency stays within a few decode steps)")
+    srv.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per engine step at most")
+    srv.add_argument("--itl-factor", type=float, default=3.0,
+                     help="while streams decode, prefill only as much per step as keeps a step within this many "
+                          "decode steps' time (default 3)")
     srv.add_argument("--prefix-cache-mb", type=int, default=1024, help="memory for saved prompt prefixes (0: off)")
     srv.add_argument("--snapshot-every", type=int, default=512, help="save a prompt's caches every N tokens")
     srv.add_argument("--name", help="the model name clients use (default: the directory's name)")

@@ -67,6 +67,9 @@ class _Slot:
     last_emit: float = 0.0
 
 
+MIN_CHUNK = 16  # prompt tokens per step at least, however slow prefill is next to decoding
+
+
 class Engine:
     """Continuous batching over ``parallel`` slots of ``ctx_size`` positions each.
 
@@ -74,10 +77,10 @@ class Engine:
         model: a loaded :class:`~swattn.models.transformer.CausalLM` with a tokenizer.
         parallel: sequence slots (requests generating at once).
         ctx_size: positions per slot (prompt + completion).
-        prefill_chunk: prompt tokens prefilled per engine step, across all slots, while no
-            stream is decoding.
-        prefill_chunk_decoding: the same while streams decode: each step's prefill delays every
-            stream's next token, so it is kept to a few decode steps' worth (Sarathi-style).
+        prefill_chunk: prompt tokens prefilled per engine step, across all slots, at most.
+        itl_factor: while streams decode, each step's prefill delays every stream's next token,
+            so it is sized (from the measured times of decode steps and of prefill tokens) to keep
+            a step within this many decode steps' time (Sarathi-style; at least ``MIN_CHUNK``).
         max_queue: requests that may wait for a slot before new ones are refused.
         prefix_cache_bytes: memory for saved prefixes (0: no reuse).
         snapshot_every: a prompt's caches are saved every this many tokens (and at its end).
@@ -85,17 +88,21 @@ class Engine:
     """
 
     def __init__(self, model, *, parallel: int = 4, ctx_size: int = 4096, prefill_chunk: int = 512,
-                 prefill_chunk_decoding: int = 32, max_queue: int = 64, prefix_cache_bytes: int = 1 << 30,
+                 itl_factor: float = 3.0, max_queue: int = 64, prefix_cache_bytes: int = 1 << 30,
                  snapshot_every: int = 512, metrics: Metrics | None = None):
         for name, value in (("parallel", parallel), ("ctx_size", ctx_size), ("prefill_chunk", prefill_chunk),
-                            ("prefill_chunk_decoding", prefill_chunk_decoding), ("snapshot_every", snapshot_every)):
+                            ("snapshot_every", snapshot_every)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if model.tokenizer is None:
             raise ValueError(f"{model.path} has no tokenizer.json")
         self.model, self.parallel, self.ctx_size = model, parallel, ctx_size
         self.prefill_chunk, self.max_queue, self.snapshot_every = prefill_chunk, max_queue, snapshot_every
-        self.prefill_chunk_decoding = prefill_chunk_decoding
+        if not itl_factor > 1:
+            raise ValueError(f"itl_factor must be > 1, got {itl_factor}")
+        self.itl_factor = itl_factor
+        self._decode_s: float | None = None  # moving averages: a decode step, a prefilled token
+        self._token_s: float | None = None
         self.stop_tokens = set(model.stop_tokens)
         self.cache = model.new_cache(parallel, capacity=ctx_size)
         self.slots = [_Slot(i, self.cache.row(i)) for i in range(parallel)]
@@ -232,14 +239,15 @@ class Engine:
             ids[s.index, 0], pos[s.index, 0] = s.last_token, s.next_pos
         cache = self._leading[n - 1]
         cache.forget_extent()  # global layers attend up to the furthest active position only
+        start = time.perf_counter()
         logits = self.model(ids, pos, cache, last_only=True)[:, -1]
+        self._decode_s = _average(self._decode_s, time.perf_counter() - start)
         for s in active:
             s.next_pos += 1
             self._emit(s, self._sample(s, logits[s.index : s.index + 1]))
 
     def _prefill(self) -> None:
-        decoding = any(s.request is not None and s.decoding for s in self.slots)
-        budget = self.prefill_chunk_decoding if decoding else self.prefill_chunk
+        budget = self._prefill_budget()
         for slot in sorted((s for s in self.slots if s.request is not None and not s.decoding),
                            key=lambda s: s.request.arrived):
             prompt = slot.request.prompt
@@ -247,7 +255,9 @@ class Engine:
                 start = slot.prefilled
                 end = min(len(prompt), start + budget, (start // self.snapshot_every + 1) * self.snapshot_every)
                 ids = torch.tensor([prompt[start:end]])
+                began = time.perf_counter()
                 logits = self.model(ids, torch.arange(start, end).view(1, -1), slot.view, last_only=True)
+                self._token_s = _average(self._token_s, (time.perf_counter() - began) / (end - start))
                 slot.prefilled, budget = end, budget - (end - start)
                 self.metrics.prefilled_tokens.inc(end - start)
                 if (end % self.snapshot_every == 0 or end == len(prompt)) and not self.prefixes.has(prompt[:end]):
@@ -260,6 +270,15 @@ class Engine:
                     self._emit(slot, self._sample(slot, logits[:, -1]))
             if budget <= 0:
                 return
+
+    def _prefill_budget(self) -> int:
+        """Prompt tokens for this step: all of ``prefill_chunk`` when no stream decodes; otherwise
+        what keeps the step within ``itl_factor`` decode steps' time."""
+        decoding = any(s.request is not None and s.decoding for s in self.slots)
+        if not decoding or self._decode_s is None or self._token_s is None:
+            return self.prefill_chunk
+        fit = int((self.itl_factor - 1) * self._decode_s / self._token_s)
+        return max(MIN_CHUNK, min(self.prefill_chunk, fit))
 
     def _sample(self, slot: _Slot, logits: torch.Tensor) -> int:
         return int(choose(logits, slot.request.sampling, slot.generator)[0])
@@ -322,3 +341,8 @@ class Engine:
     def _release(self, slot: _Slot) -> None:
         slot.request, slot.decoding, slot.stream, slot.unsent = None, False, None, ""
         self.metrics.running.set(sum(s.request is not None for s in self.slots))
+
+
+def _average(old: float | None, new: float, weight: float = 0.2) -> float:
+    """An exponential moving average (the first value as it is)."""
+    return new if old is None else (1 - weight) * old + weight * new

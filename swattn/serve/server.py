@@ -23,7 +23,7 @@ class ServeArgs:
     api_key: str | None = None
     max_queue: int = 64
     prefill_chunk: int = 512
-    prefill_chunk_decoding: int = 32
+    itl_factor: float = 3.0
     prefix_cache_mb: int = 1024
     snapshot_every: int = 512
     name: str | None = None
@@ -41,7 +41,7 @@ def _load(state: ServerState, args: ServeArgs, log) -> None:
         model = load(args.model, dtype=args.dtype)
         cpu.available()  # build the CPU kernel before the first request waits for it
         engine = Engine(model, parallel=args.parallel, ctx_size=args.ctx_size, prefill_chunk=args.prefill_chunk,
-                        prefill_chunk_decoding=args.prefill_chunk_decoding, max_queue=args.max_queue,
+                        itl_factor=args.itl_factor, max_queue=args.max_queue,
                         prefix_cache_bytes=args.prefix_cache_mb << 20, snapshot_every=args.snapshot_every)
         state.template = ChatTemplate.from_checkpoint(model.path)
         engine.start()
