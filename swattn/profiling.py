@@ -129,8 +129,14 @@ def measure(
 
 
 def fmt_bytes(n: float) -> str:
-    """Gives ``n`` bytes as MB or GB, the unit chosen for readability."""
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+    """Gives ``n`` bytes as KB, MB or GB, the unit chosen for readability (never a misleading "0 MB")."""
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} GB"
+    if n >= 1e7:
+        return f"{n / 1e6:.0f} MB"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f} MB"
+    return f"{n / 1e3:.0f} KB"
 
 
 def run_cell_in_subprocess(script: str, cell: dict, timeout: float) -> dict:
