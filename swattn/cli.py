@@ -422,9 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set SWATTN_API_KEY)")
     srv.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot (then 429)")
     srv.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per engine step at most")
-    srv.add_argument("--itl-factor", type=float, default=3.0,
+    srv.add_argument("--itl-factor", type=float, default=2.0,
                      help="while streams decode, prefill only as much per step as keeps a step within this many "
-                          "decode steps' time (default 3)")
+                          "decode steps' time (default 2)")
     srv.add_argument("--prefix-cache-mb", type=int, default=1024, help="memory for saved prompt prefixes (0: off)")
     srv.add_argument("--snapshot-every", type=int, default=512, help="save a prompt's caches every N tokens")
     srv.add_argument("--name", help="the model name clients use (default: the directory's name)")

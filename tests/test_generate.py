@@ -129,3 +129,31 @@ def test_decode_time_excludes_the_streaming_callback_and_the_kernel_build(checkp
     assert built and stats.new_tokens == 6
     assert stats.prefill_seconds < 0.5  # the build happened before the clock started
     assert stats.decode_seconds < 0.5  # six 0.1 s callbacks are not decoding
+
+
+def test_packed_forward_equals_each_sequence_alone(checkpoint):
+    # decoding rows of a batch cache and another sequence's prompt chunk share one pass over the weights
+    model = load(checkpoint[0])
+    a, b, c = (torch.randint(4, 250, (1, n)) for n in (21, 13, 9))
+    big = model.new_cache(3, capacity=64)
+    views = [big.row(i) for i in range(3)]
+    for view in views:
+        view.clear()
+
+    def alone(seq, extra=None):
+        cache = model.new_cache(1, capacity=64)
+        out = model(seq, torch.arange(seq.shape[1])[None], cache, last_only=True)[0, -1]
+        if extra is not None:
+            out = model(torch.tensor([[extra]]), torch.tensor([[seq.shape[1]]]), cache, last_only=True)[0, -1]
+        return out
+
+    with torch.inference_mode():
+        first = model.forward_packed([(a, torch.arange(21)[None], views[0]), (b, torch.arange(13)[None], views[1])])
+        torch.testing.assert_close(first[0][0], alone(a), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(first[1][0], alone(b), atol=1e-4, rtol=1e-4)
+        ta, tb = int(first[0][0].argmax()), int(first[1][0].argmax())
+        step = model.forward_packed([(torch.tensor([[ta], [tb]]), torch.tensor([[21], [13]]), big.rows(0, 2)),
+                                     (c, torch.arange(9)[None], views[2])])
+        torch.testing.assert_close(step[0][0], alone(a, ta), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(step[0][1], alone(b, tb), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(step[1][0], alone(c), atol=1e-4, rtol=1e-4)

@@ -7,7 +7,7 @@ Module names follow the Hugging Face checkpoints, so a state dict loads as it is
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +62,21 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out
 
 
+@dataclass
+class PackedLayer:
+    """Several sequences' tokens in one pass, as one layer sees them (see :meth:`CausalLM.forward_packed`).
+
+    Part ``i`` is ``shapes[i] = (rows, length)`` tokens flattened row by row, with its own
+    layer cache ``caches[i]``, positions ``positions[i]`` ``(rows, length)`` and whether
+    they continue that cache densely (``aligned[i]``).
+    """
+
+    shapes: list[tuple[int, int]]
+    caches: list
+    positions: list[torch.Tensor]
+    aligned: list[bool]
+
+
 class Attention(nn.Module):
     """Grouped-query attention with a window (local) or without (global), through swattn's op."""
 
@@ -99,11 +114,30 @@ class Attention(nn.Module):
 
             out = distributed.sliding_window_attention(q, k, v, self.window, group=self.group,
                                                        offset=int(pos[0, 0]), **kw)
+        elif isinstance(cache, PackedLayer):
+            out = self._packed(q, k, v, cache, kw)
         elif cache is None:
             out = sliding_window_attention(q, k, v, self.window, q_pos=pos, k_pos=pos, **kw)
         else:
             out = cache.attend(q, k, v, pos, aligned=aligned, **kw)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+    @staticmethod
+    def _packed(q, k, v, packed: PackedLayer, kw) -> torch.Tensor:
+        """Attention of each part over its own cache; ``q`` ``(1, heads, tokens, head_dim)``, parts in order."""
+        outs, start = [], 0
+        for (rows, length), cache, pos, aligned in zip(packed.shapes, packed.caches, packed.positions, packed.aligned):
+            n = rows * length
+
+            def part(t):  # (1, h, tokens, d) -> this part's (rows, h, length, d)
+                return t[0, :, start : start + n].reshape(t.shape[1], rows, length, t.shape[3]).transpose(0, 1)
+
+            out = cache.attend(part(q).contiguous(), part(k).contiguous(), part(v).contiguous(), pos,
+                               aligned=aligned, **kw)
+            outs.append(out.transpose(0, 1).reshape(q.shape[1], n, q.shape[3]))
+            start += n
+        return torch.cat(outs, dim=1).unsqueeze(0)
 
 
 class MLP(nn.Module):
@@ -226,6 +260,43 @@ class CausalLM(nn.Module):
         if self.cfg.final_softcap is not None:
             logits = self.cfg.final_softcap * torch.tanh(logits / self.cfg.final_softcap)
         return logits
+
+    def forward_packed(self, parts: list[tuple[torch.Tensor, torch.Tensor, ModelCache]]) -> list[torch.Tensor]:
+        """Several sequences' chunks in one pass over the weights; each attends over its own cache.
+
+        What a server's step runs: the decoding rows (one token each, through a view of their
+        rows) and prompt chunks of other sequences (through their own one-row views) share
+        every linear layer's read of the weights; only attention is per part.
+
+        Args:
+            parts: ``(ids, pos, cache)`` per part: ids and positions ``(rows, length)``, the
+                part's :class:`ModelCache` (``rows`` rows).
+
+        Returns:
+            per part, the logits of each row's last position, ``(rows, vocab_size)``.
+        """
+        if self.layers and self.layers[0].self_attn.group is not None:
+            raise ValueError("forward_packed does not run under sequence_parallel")
+        cfg = self.cfg
+        ids = torch.cat([i.reshape(1, -1) for i, _, _ in parts], dim=1)
+        pos = torch.cat([p.reshape(1, -1) for _, p, _ in parts], dim=1)
+        x = self.embed_tokens(ids)
+        if cfg.gemma_norms:
+            x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
+        rotations = {"local": rotary(pos, cfg.head_dim, cfg.rope_local), "global": rotary(pos, cfg.head_dim, cfg.rope_global)}
+        shapes = [tuple(i.shape) for i, _, _ in parts]
+        positions = [p for _, p, _ in parts]
+        aligned = [c.aligned(p) for _, p, c in parts]
+        for li, layer in enumerate(self.layers):
+            cos, sin = rotations["local" if cfg.windows[li] is not None else "global"]
+            packed = PackedLayer(shapes, [c[li] for _, _, c in parts], positions, aligned)
+            x = layer(x, pos, cos, sin, packed)
+        last, start = [], 0
+        for rows, length in shapes:
+            last += [start + r * length + length - 1 for r in range(rows)]
+            start += rows * length
+        logits = self.logits(self.norm(x[0, last]))
+        return list(logits.split([rows for rows, _ in shapes]))
 
     def features(self, ids: torch.Tensor, pos: torch.Tensor | None = None, cache: ModelCache | None = None,
                  last_only: bool = False) -> torch.Tensor:

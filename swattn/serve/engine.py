@@ -6,9 +6,12 @@ up front. Every engine step:
 
 1. requests that were cancelled (a client went away) leave their slots, and waiting requests
    take free slots, reusing the longest saved prefix of their prompt (:mod:`.prefix`);
-2. one decode step runs every decoding slot as one batch (the weights are read once for all);
-3. prompts are prefilled through their slot's row, at most ``prefill_chunk`` tokens per step
-   in all, so a long prompt never stalls the streams already running (chunked prefill).
+2. one pass over the weights runs every decoding slot's next token (as one batch of rows)
+   together with chunks of the prompts being prefilled, each through its slot's row
+   (:meth:`~swattn.models.transformer.CausalLM.forward_packed`): the linear layers read the
+   weights once for all of them, attention runs per part over its own cache. The prompt
+   tokens per step are bounded so that the streams already running keep their pace
+   (chunked prefill, Sarathi-style).
 
 Requests talk to the HTTP layer through ``on_event`` callbacks, called from this thread.
 """
@@ -88,7 +91,7 @@ class Engine:
     """
 
     def __init__(self, model, *, parallel: int = 4, ctx_size: int = 4096, prefill_chunk: int = 512,
-                 itl_factor: float = 3.0, max_queue: int = 64, prefix_cache_bytes: int = 1 << 30,
+                 itl_factor: float = 2.0, max_queue: int = 64, prefix_cache_bytes: int = 1 << 30,
                  snapshot_every: int = 512, metrics: Metrics | None = None):
         for name, value in (("parallel", parallel), ("ctx_size", ctx_size), ("prefill_chunk", prefill_chunk),
                             ("snapshot_every", snapshot_every)):
@@ -189,10 +192,9 @@ class Engine:
                             self._release(slot)
 
     def step(self) -> None:
-        """One engine step: admissions, a batched decode step, then prefill within the budget."""
+        """One engine step: admissions, then one pass over the weights for the decoding rows and prompt chunks."""
         self._admit()
-        self._decode()
-        self._prefill()
+        self._run()
         self.steps += 1
         self.metrics.kv_bytes_used.set(self.cache.nbytes_used)
 
@@ -228,53 +230,64 @@ class Engine:
             self.metrics.prefix_hits.inc()
             self.metrics.prefix_hit_tokens.inc(found.length)
 
-    def _decode(self) -> None:
+    def _run(self) -> None:
+        """The decoding rows (one token each) and prompt chunks within the budget, in one packed forward."""
+        parts, jobs = [], []
         active = [s for s in self.slots if s.request is not None and s.decoding]
-        if not active:
-            return
-        n = max(s.index for s in active) + 1
-        ids = torch.zeros(n, 1, dtype=torch.int64)
-        pos = torch.full((n, 1), -1, dtype=torch.int64)  # idle and prefilling rows: untouched
-        for s in active:
-            ids[s.index, 0], pos[s.index, 0] = s.last_token, s.next_pos
-        cache = self._leading[n - 1]
-        cache.forget_extent()  # global layers attend up to the furthest active position only
-        start = time.perf_counter()
-        logits = self.model(ids, pos, cache, last_only=True)[:, -1]
-        self._decode_s = _average(self._decode_s, time.perf_counter() - start)
-        for s in active:
-            s.next_pos += 1
-            self._emit(s, self._sample(s, logits[s.index : s.index + 1]))
-
-    def _prefill(self) -> None:
-        budget = self._prefill_budget()
+        if active:
+            n = max(s.index for s in active) + 1  # slots are taken lowest index first
+            ids = torch.zeros(n, 1, dtype=torch.int64)
+            pos = torch.full((n, 1), -1, dtype=torch.int64)  # idle and prefilling rows: untouched
+            for s in active:
+                ids[s.index, 0], pos[s.index, 0] = s.last_token, s.next_pos
+            cache = self._leading[n - 1]
+            cache.forget_extent()  # global layers attend up to the furthest active position only
+            parts.append((ids, pos, cache))
+            jobs.append(("decode", active, 0))
+        budget, chunk_tokens = self._prefill_budget(bool(active)), 0
         for slot in sorted((s for s in self.slots if s.request is not None and not s.decoding),
                            key=lambda s: s.request.arrived):
-            prompt = slot.request.prompt
-            while budget > 0 and not slot.decoding:
-                start = slot.prefilled
-                end = min(len(prompt), start + budget, (start // self.snapshot_every + 1) * self.snapshot_every)
-                ids = torch.tensor([prompt[start:end]])
-                began = time.perf_counter()
-                logits = self.model(ids, torch.arange(start, end).view(1, -1), slot.view, last_only=True)
-                self._token_s = _average(self._token_s, (time.perf_counter() - began) / (end - start))
-                slot.prefilled, budget = end, budget - (end - start)
-                self.metrics.prefilled_tokens.inc(end - start)
-                if (end % self.snapshot_every == 0 or end == len(prompt)) and not self.prefixes.has(prompt[:end]):
-                    self.prefixes.put(prompt[:end], slot.view.save())
-                    self.metrics.prefix_bytes.set(self.prefixes.nbytes)
-                if end == len(prompt):
-                    slot.decoding, slot.next_pos = True, end
-                    self.metrics.ttft.observe(time.perf_counter() - slot.request.arrived)
-                    slot.last_emit = time.perf_counter()
-                    self._emit(slot, self._sample(slot, logits[:, -1]))
             if budget <= 0:
-                return
+                break
+            prompt, begin = slot.request.prompt, slot.prefilled
+            # one chunk per slot per step, ending at a snapshot boundary when it meets one
+            end = min(len(prompt), begin + budget, (begin // self.snapshot_every + 1) * self.snapshot_every)
+            parts.append((torch.tensor([prompt[begin:end]]), torch.arange(begin, end).view(1, -1), slot.view))
+            jobs.append(("prefill", slot, end))
+            budget -= end - begin
+            chunk_tokens += end - begin
+        if not parts:
+            return
+        began = time.perf_counter()
+        logits = self.model.forward_packed(parts)
+        took = time.perf_counter() - began
+        if not chunk_tokens:
+            self._decode_s = _average(self._decode_s, took)
+        elif not active:
+            self._token_s = _average(self._token_s, took / chunk_tokens)
+        elif self._decode_s is not None:
+            self._token_s = _average(self._token_s, max(took - self._decode_s, 0.0) / chunk_tokens)
+        for (kind, who, end), rows in zip(jobs, logits):
+            if kind == "decode":
+                for s in who:
+                    s.next_pos += 1
+                    self._emit(s, self._sample(s, rows[s.index : s.index + 1]))
+                continue
+            slot, prompt = who, who.request.prompt
+            self.metrics.prefilled_tokens.inc(end - slot.prefilled)
+            slot.prefilled = end
+            if (end % self.snapshot_every == 0 or end == len(prompt)) and not self.prefixes.has(prompt[:end]):
+                self.prefixes.put(prompt[:end], slot.view.save())
+                self.metrics.prefix_bytes.set(self.prefixes.nbytes)
+            if end == len(prompt):
+                slot.decoding, slot.next_pos = True, end
+                self.metrics.ttft.observe(time.perf_counter() - slot.request.arrived)
+                slot.last_emit = time.perf_counter()
+                self._emit(slot, self._sample(slot, rows[0:1]))
 
-    def _prefill_budget(self) -> int:
+    def _prefill_budget(self, decoding: bool) -> int:
         """Prompt tokens for this step: all of ``prefill_chunk`` when no stream decodes; otherwise
         what keeps the step within ``itl_factor`` decode steps' time."""
-        decoding = any(s.request is not None and s.decoding for s in self.slots)
         if not decoding or self._decode_s is None or self._token_s is None:
             return self.prefill_chunk
         fit = int((self.itl_factor - 1) * self._decode_s / self._token_s)

@@ -23,7 +23,7 @@ class ServeArgs:
     api_key: str | None = None
     max_queue: int = 64
     prefill_chunk: int = 512
-    itl_factor: float = 3.0
+    itl_factor: float = 2.0
     prefix_cache_mb: int = 1024
     snapshot_every: int = 512
     name: str | None = None
