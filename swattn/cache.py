@@ -40,6 +40,9 @@ class _LayerCache:
     """What both caches share: buffers, checks, positions bookkeeping, attention."""
 
     window: int | None
+    # whether a one-token aligned step attends over the keys in time order (the op's aligned
+    # path); a ring's decode step instead attends over its slots as they lie, by position
+    ALIGNED_DECODE = True
     k: torch.Tensor  # (batch, heads_kv, slots, head_dim)
     v: torch.Tensor
     slot_pos: torch.Tensor  # (batch, slots) int64: position held by each slot, -1 = empty
@@ -153,9 +156,7 @@ class _LayerCache:
         Returns:
             ``(batch, heads, chunk, head_dim)``; padding tokens get zeros.
         """
-        # a ring's decode step writes its one slot in place and attends over the ring as it
-        # lies (slot order, by position): cheaper than putting it in time order
-        if aligned and self.dense is not None and (k.shape[2] > 1 or not isinstance(self, RingCache)):
+        if aligned and self.dense is not None and (k.shape[2] > 1 or self.ALIGNED_DECODE):
             pos = self._check(k, v, pos, aligned=True)
             keys, values = self._update_aligned(k, v, pos)
             self.dense += k.shape[2]
@@ -227,6 +228,8 @@ class RingCache(_LayerCache):
         window: the layer's window (keys a query sees, itself included).
         dtype, device: of the stored keys and values.
     """
+
+    ALIGNED_DECODE = False  # its decode step writes one slot in place: no copy into time order
 
     def __init__(self, batch: int, heads_kv: int, head_dim: int, window: int, *,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):

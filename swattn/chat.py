@@ -203,12 +203,11 @@ class ChatSession:
 
         def step(tokens: list[int | None]) -> None:
             token = tokens[0]
-            if token is not None and token not in stops and on_text is not None:
-                piece = stream.push(token)
-                if piece:
-                    on_text(piece)
-            elif token is not None and token not in stops:
-                stream.push(token)
+            if token is None or token in stops:  # the end token is not part of the reply
+                return
+            piece = stream.push(token)
+            if piece and on_text is not None:
+                on_text(piece)
 
         stats = TurnStats(reused=reused)
         generate(self.model, [new], max_new_tokens=self.max_new_tokens, sampling=self.sampling,

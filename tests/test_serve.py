@@ -8,6 +8,7 @@ import threading
 import time
 
 import httpx
+import openai
 import pytest
 
 from chat_fixtures import write_chat_checkpoint
@@ -15,7 +16,6 @@ from swattn.chat import ChatTemplate, encode_rendered
 from swattn.generate import generate
 from swattn.models.loading import load
 
-openai = pytest.importorskip("openai")
 
 LONG_PREFIX = "The quick brown fox jumps over the lazy dog. " * 4  # ~180 tokens with the character tokenizer
 

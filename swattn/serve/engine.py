@@ -168,7 +168,7 @@ class Engine:
             if slot.request is not None:
                 self._finish(slot, "cancelled")
         while self._waiting:
-            self._waiting.popleft().on_event("done", {"finish_reason": "cancelled", "usage": None})
+            _drop(self._waiting.popleft())
 
     @property
     def busy(self) -> bool:
@@ -203,15 +203,12 @@ class Engine:
             if slot.request is not None and slot.request.cancelled:
                 self._finish(slot, "cancelled")
         with self._wake:
-            while self._waiting and self._waiting[0].cancelled:
-                self._waiting.popleft().on_event("done", {"finish_reason": "cancelled", "usage": None})
+            for request in [r for r in self._waiting if r.cancelled]:  # gone while waiting: never run
+                self._waiting.remove(request)
+                _drop(request)
             free = [s for s in self.slots if s.request is None]
             while free and self._waiting:
-                request = self._waiting.popleft()
-                if request.cancelled:
-                    request.on_event("done", {"finish_reason": "cancelled", "usage": None})
-                    continue
-                self._assign(free.pop(0), request)
+                self._assign(free.pop(0), self._waiting.popleft())
             self.metrics.waiting.set(len(self._waiting))
         self.metrics.running.set(sum(s.request is not None for s in self.slots))
 
@@ -359,3 +356,8 @@ class Engine:
 def _average(old: float | None, new: float, weight: float = 0.2) -> float:
     """An exponential moving average (the first value as it is)."""
     return new if old is None else (1 - weight) * old + weight * new
+
+
+def _drop(request: Request) -> None:
+    """Ends a request that never got a slot."""
+    request.on_event("done", {"finish_reason": "cancelled", "usage": None})

@@ -9,6 +9,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from swattn import dtypes
 from swattn.serve.api import ServerState, create_app
 
 
@@ -46,7 +47,7 @@ def _load(state: ServerState, args: ServeArgs, log) -> None:
         state.template = ChatTemplate.from_checkpoint(model.path)
         engine.start()
         state.engine = engine
-        log(f"ready: {state.model_name} ({str(model.embed_tokens.weight.dtype).removeprefix('torch.')}), "
+        log(f"ready: {state.model_name} ({dtypes.name(model.embed_tokens.weight.dtype)}), "
             f"{args.parallel} slots x {args.ctx_size:,} positions, KV caches {fmt_bytes(engine.cache.nbytes)} "
             f"allocated, prefix cache up to {args.prefix_cache_mb} MB"
             + ("" if state.template else "; no chat template: /v1/chat/completions is off"))

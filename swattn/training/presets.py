@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from swattn.models.config import ModelConfig, Rope
+from swattn.models.config import ModelConfig, Rope, layer_windows
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def gemma2_model_config(p: Preset, window: int, special: dict[str, int | None]) 
         model_type="gemma2", vocab_size=p.vocab_size, hidden_size=p.hidden_size,
         intermediate_size=p.intermediate_size, num_layers=p.num_layers, num_heads=p.num_heads,
         num_kv_heads=p.num_kv_heads, head_dim=p.head_dim,
-        windows=tuple(window if i % 2 == 0 else None for i in range(p.num_layers)),
+        windows=tuple(layer_windows("gemma2", p.num_layers, window)),
         rope_local=Rope(10000.0), rope_global=Rope(10000.0), rms_norm_eps=1e-6, attn_softcap=50.0,
         final_softcap=30.0, query_pre_attn_scalar=p.head_dim, tie_embeddings=True, activation="gelu_tanh",
         gemma_norms=True, pad_token_id=special["pad"], bos_token_id=special["bos"],
