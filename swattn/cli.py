@@ -99,7 +99,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.system is not None and not args.chat:
         raise UserError("--system goes with --chat")
     text = _read_prompt(args)
-    model = _load_model(args.model, args.dtype, "generate")
+    model = _load_model(args.model, args.dtype, "generate", args)
     if model.tokenizer is None:
         raise CommandError(f"{model.path} has no tokenizer.json")
     if args.chat:
@@ -147,7 +147,7 @@ def _chat(args: argparse.Namespace) -> int:
     from swattn.interrupt import StopOnInterrupt
 
     sampling = _sampling(args)
-    model = _load_model(args.model, args.dtype, "chat")
+    model = _load_model(args.model, args.dtype, "chat", args)
     if model.tokenizer is None:
         raise CommandError(f"{model.path} has no tokenizer.json")
     session = ChatSession(model, _chat_template(model), system=args.system, sampling=sampling,
@@ -230,13 +230,32 @@ def _serve(args: argparse.Namespace) -> int:
         raise UserError(f"--ctx-size must be >= 2, got {ctx}")
     key = args.api_key or os.environ.get("SWATTN_API_KEY") or None
     return serve(ServeArgs(model=args.model, host=args.host, port=args.port, parallel=args.parallel, ctx_size=ctx,
-                           dtype=args.dtype, api_key=key, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
+                           dtype=args.dtype, weights=args.weights, head=args.head, api_key=key, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
                            itl_factor=args.itl_factor,
                            prefix_cache_mb=args.prefix_cache_mb, snapshot_every=args.snapshot_every, name=args.name))
 
 
-def _load_model(path: str | None, dtype: str | None, command: str):
-    """Loads ``--model`` (or the built-in model, saying so)."""
+def _quantize(args: argparse.Namespace) -> int:
+    """``swattn quantize``: a quantized checkpoint directory."""
+    from swattn.models.loading import BUILTIN
+    from swattn.models.quantize import write_checkpoint
+    from swattn.profiling import fmt_bytes
+
+    src = Path(args.model) if args.model else BUILTIN
+    if not src.is_dir():
+        raise UserError(f"--model {src}: no such directory")
+    if Path(args.out).exists() and any(Path(args.out).iterdir()):
+        raise UserError(f"--out {args.out} exists and is not empty")
+    summary = write_checkpoint(src, args.out, args.weights, args.head, dtype=args.dtype,
+                               progress=sys.stderr.isatty())
+    print(f"wrote {args.out}: {summary['tensors']} quantized tensors ({args.weights}), "
+          f"{fmt_bytes(summary['bytes'])} (source {fmt_bytes(summary['source_bytes'])})"
+          + (f"; kept dense: {', '.join(summary['dense'])}" if summary["dense"] else ""))
+    return 0
+
+
+def _load_model(path: str | None, dtype: str | None, command: str, args: argparse.Namespace | None = None):
+    """Loads ``--model`` (or the built-in model, saying so), with ``args``' --weights/--head where given."""
     from swattn.models.loading import BUILTIN, load
 
     if path is None:
@@ -246,7 +265,11 @@ def _load_model(path: str | None, dtype: str | None, command: str):
               "--model DIR for another)", file=sys.stderr)
     elif not Path(path).is_dir():
         raise UserError(f"--model {path}: no such directory")
-    model = load(path, dtype=dtype)
+    weights, head = getattr(args, "weights", None), getattr(args, "head", None)
+    model = load(path, dtype=dtype, weights=weights, head=head)
+    if model.dense_layers and weights:
+        print(f"swattn {command}: kept dense (in_features not a multiple of 64): {', '.join(model.dense_layers[:4])}"
+              + (" ..." if len(model.dense_layers) > 4 else ""), file=sys.stderr)
     if model.skipped_tensors:
         print(f"swattn {command}: text only: skipped the vision tower ({len(model.skipped_tensors)} tensors)",
               file=sys.stderr)
@@ -271,7 +294,7 @@ def _perplexity(args: argparse.Namespace) -> int:
         text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
         raise UserError(f"--file {args.file}: {exc.strerror or exc}") from None
-    model = _load_model(args.model, args.dtype, "perplexity")
+    model = _load_model(args.model, args.dtype, "perplexity", args)
     if model.tokenizer is None:
         raise UserError(f"{model.path} has no tokenizer.json")
     base = None
@@ -370,7 +393,18 @@ def _add_sampling_options(parser: argparse.ArgumentParser, max_new_tokens: int) 
     parser.add_argument("--top-p", type=float, help="sample among the likeliest tokens holding this probability")
     parser.add_argument("--seed", type=int, help="seed of the sampler")
     parser.add_argument("--dtype", choices=dtypes.MODEL_NAMES, help="default: the checkpoint's own")
+    _add_weights_options(parser)
     parser.add_argument("--chunk-size", type=int, default=2048, help="prompt tokens per prefill step")
+
+
+def _add_weights_options(parser: argparse.ArgumentParser) -> None:
+    from swattn.models import quantize
+
+    parser.add_argument("--weights", choices=quantize.WEIGHTS,
+                        help="quantize the linear layers while loading: q8 (8.5 bits per weight) or q4 (4.5); "
+                             "default: as stored")
+    parser.add_argument("--head", choices=quantize.HEADS,
+                        help="with --weights: the output head's (and tied embedding's) format (default q8)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -419,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--ctx-size", type=int, help="positions per slot, prompt + completion (default: the model's "
                                                   "max_position_embeddings, at most 8192)")
     srv.add_argument("--dtype", choices=dtypes.MODEL_NAMES, help="default: the checkpoint's own")
+    _add_weights_options(srv)
     srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set SWATTN_API_KEY)")
     srv.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot (then 429)")
     srv.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per engine step at most")
@@ -466,7 +501,17 @@ def main(argv: list[str] | None = None) -> int:
     ppl.add_argument("--kl-base", help="reference for KL divergence and top-1 agreement: a checkpoint directory, "
                                        "or float32/bfloat16 for this model in that dtype")
     ppl.add_argument("--dtype", choices=dtypes.MODEL_NAMES, help="default: the checkpoint's own")
+    _add_weights_options(ppl)
     ppl.add_argument("--chunk-size", type=int, default=1024, help="tokens per forward through the caches")
+    qz = sub.add_parser("quantize", parents=[common], help="write a q8 / q4 copy of a checkpoint that loads directly",
+                        description="Quantizes the linear layers of a checkpoint tensor by tensor and writes a "
+                                    "checkpoint directory that loads without quantizing again.")
+    qz.add_argument("--model", help="dense checkpoint directory (default: the built-in model)")
+    qz.add_argument("--out", required=True, help="output directory")
+    qz.add_argument("--weights", required=True, choices=["q8", "q4"], help="q8 (8.5 bits per weight) or q4 (4.5)")
+    qz.add_argument("--head", choices=["q8", "q4", "dense"], help="the output head's format (default q8)")
+    qz.add_argument("--dtype", choices=dtypes.MODEL_NAMES, help="activations' dtype recorded in the copy "
+                                                                 "(default: the checkpoint's own)")
     bench = sub.add_parser("bench", help="side-by-side benchmarks against peers",
                            description="Runs benchmarks/NAME.py; options after NAME go to it (try NAME --help).")
     bench.add_argument("name", choices=BENCHMARKS)
@@ -485,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     commands = {"demo": _demo, "generate": _generate, "chat": _chat, "serve": _serve, "train": _train,
-                "perplexity": _perplexity}
+                "perplexity": _perplexity, "quantize": _quantize}
     if args.command not in commands:
         parser.print_help()
         return 0

@@ -124,7 +124,7 @@ def generate(
         raise ValueError("every prompt needs at least one token")
     if max_new_tokens < 0 or chunk_size < 1:
         raise ValueError("max_new_tokens must be >= 0 and chunk_size >= 1")
-    device = model.embed_tokens.weight.device
+    device = model.device
     batch, longest = len(prompts), max(len(p) for p in prompts)
     if cache is None:
         start_pos = [0] * batch

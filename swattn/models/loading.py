@@ -15,7 +15,9 @@ import torch
 from safetensors import safe_open
 
 from swattn import dtypes
+from swattn.models import quantize
 from swattn.models.config import ModelConfig
+from swattn.models.layers import QuantLinear
 from swattn.models.transformer import CausalLM
 
 # Where multimodal Gemma 3 checkpoints keep the language model: transformers >= 4.52 writes
@@ -43,7 +45,8 @@ def _shards(path: Path) -> dict[str, Path]:
         raise ValueError(f"{single} is not a readable safetensors file (truncated?): {exc}") from exc
 
 
-def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None) -> CausalLM:
+def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None, weights: str | None = None,
+         head: str | None = None, fuse: bool = True) -> CausalLM:
     """Loads a Gemma 2, Gemma 3 (text, or the text model of a multimodal one) or Mistral checkpoint directory.
 
     Args:
@@ -51,6 +54,12 @@ def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None)
             with ``model.safetensors.index.json``); None: the built-in model (``BUILTIN``).
         dtype: ``torch.float32`` or ``torch.bfloat16`` (or their names); None: the
             checkpoint's own (config.json's ``dtype``/``torch_dtype``; float16 runs as float32).
+        weights: ``"q8"`` or ``"q4"``: quantize the linear layers while loading, tensor by
+            tensor (see :mod:`swattn.quant`); None: as stored (dense, or a checkpoint written
+            by ``swattn quantize``, which loads without quantizing again).
+        head: the output head's (and tied embedding's) format under quantized weights:
+            ``"q8"`` (default), ``"q4"`` or ``"dense"``.
+        fuse: merge quantized q/k/v and gate/up projections into one product each.
 
     Returns:
         The model in eval mode, ready for inference: no parameter requires a gradient, so a
@@ -78,12 +87,31 @@ def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None)
         raise ValueError(f"{config_file} is not a JSON object")
     cfg = ModelConfig.from_hf_config(raw)
     dtype = dtypes.checkpoint_dtype(raw) if dtype is None else dtypes.model_dtype(dtype)
+    stored = raw.get(quantize.CONFIG_KEY)
+    if stored is not None:
+        if not isinstance(stored, dict) or stored.get("version") != quantize.VERSION:
+            raise ValueError(f"{config_file}: {quantize.CONFIG_KEY} is not one this swattn reads (version "
+                             f"{quantize.VERSION})")
+        if weights not in (None, stored.get("weights")) or head not in (None, stored.get("head")):
+            raise ValueError(f"{path} holds {stored.get('weights')} weights with a {stored.get('head')} head; load it "
+                             "as it is (no --weights) or quantize the dense checkpoint instead")
+        weights, head = stored.get("weights"), stored.get("head")
+    weights, head = quantize.check(weights, head)
     with torch.device("meta"):
-        model = CausalLM(cfg)
-    model = model.to_empty(device="cpu").to(dtype)  # allocated once, filled below
-    params = {f"model.{name}" if not name.startswith("lm_head") else name: p for name, p in model.state_dict().items()}
+        model = CausalLM(cfg).to(dtype)
+        dense_layers = quantize.restructure(model, weights, head) if weights else []
+    model = model.to_empty(device="cpu")  # allocated once, filled below
+    params = {_our_name(name): p for name, p in model.state_dict().items()}
+    # a dense checkpoint's weights that are quantized on the way in, by the checkpoint's name
+    to_quantize = {}
+    if weights and stored is None:
+        for module_name, module in model.named_modules():
+            if isinstance(module, QuantLinear):
+                params.pop(_our_name(f"{module_name}.qweight"))
+                params.pop(_our_name(f"{module_name}.scales"))
+                to_quantize[_our_name(f"{module_name}.weight")] = module
     located = _shards(path)
-    source = {name: _stored_name(name, located) for name in params}
+    source = {name: _stored_name(name, located) for name in [*params, *to_quantize]}
     missing = sorted(name for name, stored in source.items() if stored is None)
     if missing:
         raise ValueError(f"checkpoint {path} lacks tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
@@ -94,7 +122,7 @@ def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None)
     if unexpected:
         raise ValueError(f"checkpoint {path} has unexpected tensors: {', '.join(unexpected[:5])}")
     by_file: dict[Path, list[str]] = {}
-    for name in params:
+    for name in source:
         by_file.setdefault(located[source[name]], []).append(name)
     from tqdm import tqdm
 
@@ -105,6 +133,9 @@ def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None)
             with safe_open(file, framework="pt") as f:
                 for name in names:
                     tensor = f.get_tensor(source[name])
+                    if name in to_quantize:
+                        to_quantize[name].set_weight(tensor)
+                        continue
                     if tensor.shape != params[name].shape:
                         raise ValueError(f"tensor {source[name]} in {file.name} has shape {tuple(tensor.shape)}, "
                                          f"expected {tuple(params[name].shape)}")
@@ -115,6 +146,9 @@ def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None)
         except Exception as exc:
             raise ValueError(f"{file} is not a readable safetensors file (truncated?): {exc}") from exc
     model.requires_grad_(False)
+    if weights and fuse:
+        quantize.fuse_projections(model)
+    model.dense_layers = dense_layers
     model.path = path
     model.skipped_tensors = skipped
     model.tokenizer = _tokenizer(path)
@@ -122,10 +156,17 @@ def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None)
     return model.eval()
 
 
+def _our_name(name: str) -> str:
+    """A state-dict name as checkpoints spell it (``model.`` prefix; ``lm_head.*`` as is)."""
+    return name if name.startswith("lm_head") else f"model.{name}"
+
+
 def _stored_name(name: str, located: dict[str, Path]) -> str | None:
     """The checkpoint's name for our parameter ``name`` (``model.X`` or ``lm_head.weight``), or None."""
-    if name.startswith("lm_head"):
+    if name == "lm_head.weight":
         return next((n for n in HEAD_NAMES if n in located), None)
+    if name.startswith("lm_head"):
+        return name if name in located else None
     rest = name.removeprefix("model.")
     return next((prefix + rest for prefix in TEXT_PREFIXES if prefix + rest in located), None)
 

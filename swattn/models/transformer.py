@@ -15,6 +15,8 @@ from torch import nn
 
 from swattn.cache import ModelCache
 from swattn.models.config import ModelConfig, Rope
+from swattn.models.layers import Linear, QuantEmbedding, QuantLinear
+from swattn.ops import linear
 from swattn.ops.api import sliding_window_attention
 
 
@@ -85,10 +87,11 @@ class Attention(nn.Module):
         self.cfg, self.window = cfg, window
         self.group = None  # a process group: the sequence is split across its ranks (swattn.distributed)
         h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=False)
-        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, h * d)
+        self.k_proj = Linear(cfg.hidden_size, hkv * d)
+        self.v_proj = Linear(cfg.hidden_size, hkv * d)
+        self.o_proj = Linear(h * d, cfg.hidden_size)
+        self.qkv_proj = None  # q, k and v in one product (see swattn.models.quantize.fuse_projections)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.gemma_norms)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.gemma_norms)
@@ -98,9 +101,14 @@ class Attention(nn.Module):
         ``aligned``: the positions continue what ``cache`` holds densely (see ``ModelCache.aligned``)."""
         batch, seq, _ = x.shape
         cfg = self.cfg
-        q = self.q_proj(x).view(batch, seq, cfg.num_heads, cfg.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:
+            kv = cfg.num_kv_heads * cfg.head_dim
+            q, k, v = self.qkv_proj(x).split([cfg.num_heads * cfg.head_dim, kv, kv], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(batch, seq, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        k = k.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = v.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         if cfg.qk_norm:  # Gemma 3: before the rotation
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -151,15 +159,19 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.gate_up_proj = None  # gate and up in one product (see swattn.models.quantize.fuse_projections)
         self.silu = cfg.activation == "silu"
 
     def forward(self, x):
         if x.shape[1] > self.CHUNK:
             return torch.cat([self.forward(part) for part in x.split(self.CHUNK, dim=1)], dim=1)
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
         if torch.is_grad_enabled() and x.requires_grad:
             act = F.silu(gate) if self.silu else F.gelu(gate, approximate="tanh")
             return self.down_proj(act * up)
@@ -205,7 +217,8 @@ class CausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, w) for w in cfg.windows)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma_norms)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
+        self.weights = None  # "q8" / "q4" once quantized (swattn.models.quantize)
 
     def set_local_window(self, window: int | None) -> None:
         """Replaces every local layer's window by ``window`` (global layers stay global).
@@ -227,9 +240,18 @@ class CausalLM(nn.Module):
 
         ``rings=False`` keeps every token in the local layers too (for comparisons).
         """
-        w = self.embed_tokens.weight
         return ModelCache(self.cfg.windows, batch, self.cfg.num_kv_heads, self.cfg.head_dim, capacity=capacity,
-                          dtype=w.dtype, device=w.device, rings=rings)
+                          dtype=self.dtype, device=self.device, rings=rings)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (the dense weights' too)."""
+        emb = self.embed_tokens
+        return emb.dtype if isinstance(emb, QuantEmbedding) else emb.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor | None = None, cache: ModelCache | None = None,
                 last_only: bool = False) -> torch.Tensor:
@@ -251,12 +273,21 @@ class CausalLM(nn.Module):
 
     @property
     def head_weight(self) -> torch.Tensor:
-        """The LM head's matrix ``(vocab_size, hidden_size)`` (the embedding where tied)."""
-        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        """The LM head's dense matrix ``(vocab_size, hidden_size)`` (the embedding where tied)."""
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        if isinstance(head, QuantLinear):
+            raise ValueError("this model's head is quantized; training and dense-head uses need dense weights")
+        return head.weight
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of final hidden states ``x`` ``(..., hidden)``: the head and Gemma's final soft-cap."""
-        logits = x @ self.head_weight.T
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        if isinstance(head, QuantEmbedding):
+            logits = head.project(x)
+        elif isinstance(head, QuantLinear):
+            logits = head(x)
+        else:
+            logits = linear.dense(x, head.weight)
         if self.cfg.final_softcap is not None:
             logits = self.cfg.final_softcap * torch.tanh(logits / self.cfg.final_softcap)
         return logits

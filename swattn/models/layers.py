@@ -1,0 +1,107 @@
+"""The model's linear layers: dense (``Linear``) or block-quantized (``QuantLinear``), and a quantized tied embedding.
+
+All go through :mod:`swattn.ops.linear`, which picks the few-row kernels for decoding and
+PyTorch's product for prefill and training. The quantized modules hold their weight in the
+panel layout of :mod:`swattn.quant` (buffers ``qweight`` and ``scales``); they are for
+inference only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from swattn import quant
+from swattn.ops import linear
+
+QUANT_CHUNK = 4096  # rows quantized at a time while loading: bounds the float32 working copy
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` without bias whose few-row inference products use swattn's streaming kernel."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear.dense(x, self.weight)
+
+
+class QuantLinear(nn.Module):
+    """A bias-free linear layer with a q8 or q4 weight ``(out_features, in_features)`` (see :mod:`swattn.quant`).
+
+    ``forward(x)``: ``x`` ``(..., in_features)`` float32 or bfloat16 gives ``(..., out_features)``
+    in x's dtype. Several layers that read the same input can be merged into one product
+    (:meth:`fused`), whose output holds theirs side by side.
+    """
+
+    def __init__(self, in_features: int, out_features: int, fmt: str):
+        super().__init__()
+        if fmt not in quant.FORMATS:
+            raise ValueError(f"weights must be one of {', '.join(quant.FORMATS)}, got {fmt!r}")
+        if not quant.supports((out_features, in_features)):
+            raise ValueError(f"cannot quantize a ({out_features}, {in_features}) weight: in_features must be a "
+                             f"multiple of {quant.GROUP}")
+        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        panels = -(-out_features // quant.LANES)
+        self.register_buffer("qweight", torch.zeros(panels, in_features * quant.LANES * quant.BITS[fmt] // 8,
+                                                    dtype=torch.uint8))
+        self.register_buffer("scales", torch.zeros(panels, in_features // 2, dtype=torch.float16))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weights={self.fmt}"
+
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Quantizes a dense ``weight`` ``(out_features, in_features)`` into this layer, a few thousand rows at a time."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight has shape {tuple(weight.shape)}, expected {(self.out_features, self.in_features)}")
+        for start in range(0, self.out_features, QUANT_CHUNK):
+            q, s = quant.quantize(weight[start : start + QUANT_CHUNK], self.fmt)
+            first = start // quant.LANES
+            self.qweight[first : first + q.shape[0]] = q
+            self.scales[first : first + s.shape[0]] = s
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense weight this layer stands for, ``(out_features, in_features)``."""
+        return quant.dequantize(self.qweight, self.scales, self.fmt, self.out_features, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear.quantized(x, self.qweight, self.scales, self.fmt, self.out_features)
+
+    @classmethod
+    def fused(cls, parts: list[QuantLinear]) -> QuantLinear:
+        """One layer computing ``parts`` side by side (each's out_features a multiple of 16, one format and input)."""
+        first = parts[0]
+        if any(p.fmt != first.fmt or p.in_features != first.in_features or p.out_features % quant.LANES
+               for p in parts):
+            raise ValueError("fused layers need one format, one input size and out_features multiples of 16")
+        with torch.device("meta"):
+            out = cls(first.in_features, sum(p.out_features for p in parts), first.fmt)
+        out.qweight = torch.cat([p.qweight for p in parts])
+        out.scales = torch.cat([p.scales for p in parts])
+        return out
+
+
+class QuantEmbedding(QuantLinear):
+    """A tied embedding and output head in one quantized table ``(vocab_size, hidden_size)``.
+
+    ``forward(ids)`` looks rows up (dequantized to ``dtype``); :meth:`project` is the head.
+    """
+
+    def __init__(self, vocab_size: int, hidden_size: int, fmt: str, dtype: torch.dtype):
+        super().__init__(hidden_size, vocab_size, fmt)
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        panel, lane = flat // quant.LANES, flat % quant.LANES
+        # the ids' panels, dequantized whole (16 rows each), then their lanes picked out
+        rows = quant.dequantize(self.qweight[panel], self.scales[panel], self.fmt, flat.numel() * quant.LANES,
+                                self.dtype)
+        rows = rows.view(flat.numel(), quant.LANES, -1)[torch.arange(flat.numel()), lane]
+        return rows.view(*ids.shape, self.in_features)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The head: ``x`` ``(..., hidden_size)`` gives ``(..., vocab_size)``."""
+        return super().forward(x)

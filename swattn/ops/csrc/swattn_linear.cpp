@@ -1,0 +1,435 @@
+// swattn's linear-layer kernels for few rows (decoding, small batches): y = x W^T.
+//
+// Decoding reads every weight once per step and does little arithmetic with it, so its speed
+// is the memory bandwidth's. These kernels read each weight byte once per call for all (up to
+// 16) rows and split the output features across threads.
+//
+// Dense fp32 / bf16 weights (as stored, (N, K) row-major): each weight row is streamed once
+// while the rows' partial sums stay in registers; bf16 through AVX512_BF16 dot products.
+//
+// Quantized weights (see swattn/quant.py, which defines the formats): blocks of 32 values
+// along K with one fp16 scale each, stored in panels of 16 output features interleaved so
+// that one 64-byte vector holds 4 consecutive values of each of the 16 features:
+//   q8: byte (P, b, j, l, t) = q[16P + l, 32b + 4j + t] + 128 (unsigned), j = 0..7;
+//   q4: byte (P, b, j, l, t) = q[.., 32b + 4j + t] | q[.., 32b + 4(j+4) + t] << 4, j = 0..3,
+//       q in 0..15 (w = s * (q - 8));
+//   scales (P, b, l) fp16.
+// Activation rows are quantized per block of 32 to int8 (scale max|x| / 127, as llama.cpp's
+// Q8_0 activations). One vpdpbusd (AVX512-VNNI: unsigned x signed bytes) takes 4 values of
+// 16 features against 4 values of one row broadcast, so a block costs each row 8 integer dot
+// products and one float update for 16 features together, with no horizontal sums; the
+// weights' offset (128 or 8) enters as the dot product's starting value, -offset * sum(x_q).
+// Without VNNI the same integer arithmetic runs in portable loops (`linear_simd(0)` forces
+// them, for tests).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define SWATTN_VNNI 1
+#include <immintrin.h>
+#endif
+#if defined(__AVX512BF16__)
+#define SWATTN_DPBF16 1
+#endif
+
+namespace swattn {
+namespace {
+
+constexpr int64_t kBlock = 32;
+constexpr int64_t kLanes = 16;  // output features per interleaved panel
+constexpr int kTile = 8;        // activation rows kept in registers per pass
+constexpr int64_t kMaxRows = 16;
+constexpr int64_t kAhead = 6;  // blocks of weights prefetched ahead
+std::atomic<bool> g_simd{true};
+
+bool use_simd() { return g_simd.load(std::memory_order_relaxed); }
+
+// Activation rows quantized per block: int8 values, each block's scale, -offset * sum(q).
+struct QuantRows {
+  int64_t M = 0, K = 0;
+  std::vector<int8_t> q;       // (M, K)
+  std::vector<float> scale;    // (M, K / 32)
+  std::vector<int32_t> start;  // (M, K / 32): -offset * sum of the block's q
+};
+
+template <typename T>
+QuantRows quantize_rows(const T* x, int64_t M, int64_t K, int32_t offset) {
+  QuantRows r;
+  r.M = M, r.K = K;
+  const int64_t nb = K / kBlock;
+  r.q.resize(M * K);
+  r.scale.resize(M * nb);
+  r.start.resize(M * nb);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const T* xb = x + m * K + b * kBlock;
+      float v[kBlock];
+      float amax = 0.0f;
+      for (int64_t i = 0; i < kBlock; ++i) {
+        v[i] = static_cast<float>(xb[i]);
+        amax = std::max(amax, std::fabs(v[i]));
+      }
+      const float d = amax / 127.0f;
+      const float id = d > 0.0f ? 1.0f / d : 0.0f;
+      int8_t* qb = r.q.data() + m * K + b * kBlock;
+      int32_t sum = 0;
+      for (int64_t i = 0; i < kBlock; ++i) {
+        const int32_t qi = static_cast<int32_t>(std::nearbyint(v[i] * id));
+        qb[i] = static_cast<int8_t>(std::max(-127, std::min(127, qi)));
+        sum += qb[i];
+      }
+      r.scale[m * nb + b] = d;
+      r.start[m * nb + b] = -offset * sum;
+    }
+  }
+  return r;
+}
+
+// The unsigned weight byte (value + offset) of feature l, column k within panel `w`.
+template <int BITS>
+inline int32_t weight_byte(const uint8_t* w, int64_t l, int64_t k) {
+  const int64_t b = k / kBlock, j = (k % kBlock) / 4, t = k % 4;
+  if constexpr (BITS == 8) {
+    return w[((b * 8 + j) * kLanes + l) * 4 + t];
+  } else {
+    const uint8_t byte = w[((b * 4 + j % 4) * kLanes + l) * 4 + t];
+    return j < 4 ? (byte & 0x0F) : (byte >> 4);
+  }
+}
+template <int BITS>
+constexpr int32_t kOffset = BITS == 8 ? 128 : 8;
+template <int BITS>
+constexpr int64_t kPanelBytesPerColumn = BITS == 8 ? kLanes : kLanes / 2;
+
+// Portable: a panel's 16 features for rows m0 .. m0+rows; out (rows, 16).
+template <int BITS>
+void panel_portable(const uint8_t* w, const at::Half* ws, const QuantRows& xr, int64_t m0, int rows, float* out) {
+  const int64_t K = xr.K, nb = K / kBlock;
+  for (int r = 0; r < rows; ++r) {
+    const int8_t* xq = xr.q.data() + (m0 + r) * K;
+    for (int64_t l = 0; l < kLanes; ++l) {
+      float acc = 0.0f;
+      for (int64_t b = 0; b < nb; ++b) {
+        int32_t dot = xr.start[(m0 + r) * nb + b];
+        for (int64_t k = b * kBlock; k < (b + 1) * kBlock; ++k) dot += weight_byte<BITS>(w, l, k) * xq[k];
+        acc += static_cast<float>(dot) * (static_cast<float>(ws[b * kLanes + l]) * xr.scale[(m0 + r) * nb + b]);
+      }
+      out[r * kLanes + l] = acc;
+    }
+  }
+}
+
+#if SWATTN_VNNI
+// acc += dot products of w's bytes with the 4 bytes at x, broadcast. Written out because the
+// compilers emit a separate broadcast instead of the instruction's embedded one ({1to16}),
+// which costs a vector slot per product on CPUs that split 512-bit operations.
+inline void dpbusd_bcast(__m512i& acc, const __m512i& w, const int32_t* x) {
+  asm("vpdpbusd %[x]%{1to16%}, %[w], %[acc]" : [acc] "+v"(acc) : [w] "v"(w), [x] "m"(*x));
+}
+
+template <int BITS, int R>
+void panel_vnni(const uint8_t* w, const at::Half* ws, const QuantRows& xr, int64_t m0, float* out) {
+  const int64_t K = xr.K, nb = K / kBlock;
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const int8_t* xq = xr.q.data() + m0 * K;
+  const float* xs = xr.scale.data() + m0 * nb;
+  const int32_t* x0 = xr.start.data() + m0 * nb;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  constexpr int64_t block_bytes = BITS * kBlock * kLanes / 8;
+  for (int64_t b = 0; b < nb; ++b) {
+    // ask for the weights a few blocks ahead: with several rows the loop computes long
+    // enough per block that the hardware prefetcher alone leaves the memory idle
+    if constexpr (R > 2)
+      for (int64_t line = 0; line < block_bytes; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(w + (b + kAhead) * block_bytes + line), _MM_HINT_T0);
+    __m512i wv[8];
+    if constexpr (BITS == 8) {
+      for (int j = 0; j < 8; ++j) wv[j] = _mm512_loadu_si512(w + (b * 8 + j) * 64);
+    } else {
+      for (int j = 0; j < 4; ++j) {
+        const __m512i raw = _mm512_loadu_si512(w + (b * 4 + j) * 64);
+        wv[j] = _mm512_and_si512(raw, low);
+        wv[j + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+      }
+    }
+    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + b * kLanes)));
+    for (int r = 0; r < R; ++r) {
+      const int32_t* xb = reinterpret_cast<const int32_t*>(xq + r * K + b * kBlock);
+      __m512i d0 = _mm512_set1_epi32(x0[r * nb + b]);
+      __m512i d1 = _mm512_setzero_si512();
+      for (int j = 0; j < 8; j += 2) {  // two chains: the dot products' latency, not their rate
+        dpbusd_bcast(d0, wv[j], xb + j);
+        dpbusd_bcast(d1, wv[j + 1], xb + j + 1);
+      }
+      const __m512 d = _mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1));
+      acc[r] = _mm512_fmadd_ps(d, _mm512_mul_ps(s, _mm512_set1_ps(xs[r * nb + b])), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * kLanes, acc[r]);
+}
+
+template <int BITS>
+void panel_simd(const uint8_t* w, const at::Half* ws, const QuantRows& xr, int64_t m0, int rows, float* out) {
+  switch (rows) {
+    case 1: return panel_vnni<BITS, 1>(w, ws, xr, m0, out);
+    case 2: return panel_vnni<BITS, 2>(w, ws, xr, m0, out);
+    case 3: return panel_vnni<BITS, 3>(w, ws, xr, m0, out);
+    case 4: return panel_vnni<BITS, 4>(w, ws, xr, m0, out);
+    case 5: return panel_vnni<BITS, 5>(w, ws, xr, m0, out);
+    case 6: return panel_vnni<BITS, 6>(w, ws, xr, m0, out);
+    case 7: return panel_vnni<BITS, 7>(w, ws, xr, m0, out);
+    default: return panel_vnni<BITS, 8>(w, ws, xr, m0, out);
+  }
+}
+#endif
+
+template <typename T>
+inline void store(T* y, float v) { *y = static_cast<T>(v); }
+
+// Splits the N output features across threads; fn(n, rows m0.., count, results) per feature.
+template <typename T, typename Fn>
+void over_features(int64_t M, int64_t N, T* y, Fn fn) {
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    float res[kTile];
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t m0 = 0; m0 < M; m0 += kTile) {
+        const int rows = static_cast<int>(std::min<int64_t>(kTile, M - m0));
+        fn(n, m0, rows, res);
+        for (int r = 0; r < rows; ++r) store(y + (m0 + r) * N + n, res[r]);
+      }
+    }
+  });
+}
+
+void check_rows(const at::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous (rows, in_features) tensor");
+  TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " features, the weight ", K);
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxRows, "these kernels take 1..", kMaxRows, " rows, got ", x.size(0));
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
+}
+
+// y (M, N) = x (M, K) W^T for a q8 (bits 8) or q4 (bits 4) weight in panels: qweight
+// uint8 (ceil(N/16), K * 16 * bits / 8), scales fp16 (ceil(N/16), K / 32 * 16).
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t bits,
+                        int64_t N) {
+  TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4");
+  TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous() && scales.is_contiguous(), "weights must be contiguous");
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && scales.scalar_type() == at::kHalf,
+              "qweight must be uint8 and scales float16");
+  const int64_t panels = qweight.size(0), K = qweight.size(1) * 8 / (kLanes * bits), nb = K / kBlock;
+  TORCH_CHECK(panels == (N + kLanes - 1) / kLanes, "qweight has ", panels, " panels, not enough for ", N, " features");
+  TORCH_CHECK(K % 64 == 0, "in_features must be a multiple of 64, got ", K);
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == panels && scales.size(1) == nb * kLanes, "scales have the wrong shape");
+  check_rows(x, K);
+  const int64_t M = x.size(0);
+  QuantRows xr;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "quantize_rows", [&] {
+    xr = quantize_rows(x.data_ptr<scalar_t>(), M, K, bits == 8 ? kOffset<8> : kOffset<4>);
+  });
+  at::Tensor y = at::empty({M, N}, x.options());
+  const uint8_t* wq = qweight.data_ptr<uint8_t>();
+  const at::Half* sc = scales.data_ptr<at::Half>();
+  const int64_t panel_bytes = qweight.size(1), panel_scales = scales.size(1);
+  const bool simd = use_simd();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "quant_linear", [&] {
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+      float res[kTile * kLanes];
+      for (int64_t p = p0; p < p1; ++p) {
+        const uint8_t* w = wq + p * panel_bytes;
+        const at::Half* ws = sc + p * panel_scales;
+        const int64_t n0 = p * kLanes, lanes = std::min(kLanes, N - n0);
+        for (int64_t m0 = 0; m0 < M; m0 += kTile) {
+          const int rows = static_cast<int>(std::min<int64_t>(kTile, M - m0));
+#if SWATTN_VNNI
+          if (simd) {
+            if (bits == 8) panel_simd<8>(w, ws, xr, m0, rows, res);
+            else panel_simd<4>(w, ws, xr, m0, rows, res);
+          } else
+#endif
+          {
+            (void)simd;
+            if (bits == 8) panel_portable<8>(w, ws, xr, m0, rows, res);
+            else panel_portable<4>(w, ws, xr, m0, rows, res);
+          }
+          for (int r = 0; r < rows; ++r)
+            for (int64_t l = 0; l < lanes; ++l) yp[(m0 + r) * N + n0 + l] = static_cast<scalar_t>(res[r * kLanes + l]);
+        }
+      }
+    });
+  });
+  return y;
+}
+
+// Dense weights (fp32 or bf16, the dtype of x): each weight row streamed once for all rows.
+template <typename T>
+void dense_portable(const T* w, const T* x, int64_t K, int64_t m0, int rows, float* out) {
+  for (int r = 0; r < rows; ++r) {
+    const T* xr = x + (m0 + r) * K;
+    float acc = 0.0f;
+    for (int64_t k = 0; k < K; ++k) acc += static_cast<float>(w[k]) * static_cast<float>(xr[k]);
+    out[r] = acc;
+  }
+}
+
+#if SWATTN_VNNI
+template <int R>
+void dense_f32(const float* w, const float* x, int64_t K, int64_t m0, float* out) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m512 wv = _mm512_loadu_ps(w + k);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + (m0 + r) * K + k), acc[r]);
+  }
+  if (k < K) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1);
+    const __m512 wv = _mm512_maskz_loadu_ps(mask, w + k);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, x + (m0 + r) * K + k), acc[r]);
+  }
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+#endif
+
+#if SWATTN_VNNI && SWATTN_DPBF16
+template <int R>
+void dense_bf16(const c10::BFloat16* w, const c10::BFloat16* x, int64_t K, int64_t m0, float* out) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], wv, (__m512bh)_mm512_loadu_si512(x + (m0 + r) * K + k));
+  }
+  if (k < K) {
+    const __mmask32 mask = static_cast<__mmask32>((1ull << (K - k)) - 1);
+    const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + k);
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm512_dpbf16_ps(acc[r], wv, (__m512bh)_mm512_maskz_loadu_epi16(mask, x + (m0 + r) * K + k));
+  }
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+#endif
+
+#define SWATTN_ROWS_SWITCH(KERNEL, ...)          \
+  switch (rows) {                                \
+    case 1: KERNEL<1>(__VA_ARGS__); break;       \
+    case 2: KERNEL<2>(__VA_ARGS__); break;       \
+    case 3: KERNEL<3>(__VA_ARGS__); break;       \
+    case 4: KERNEL<4>(__VA_ARGS__); break;       \
+    case 5: KERNEL<5>(__VA_ARGS__); break;       \
+    case 6: KERNEL<6>(__VA_ARGS__); break;       \
+    case 7: KERNEL<7>(__VA_ARGS__); break;       \
+    default: KERNEL<8>(__VA_ARGS__); break;      \
+  }
+
+at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "weight must be a contiguous (N, K) tensor");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "x and weight must have one dtype");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  check_rows(x, K);
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const bool simd = use_simd();
+  if (x.scalar_type() == at::kFloat) {
+    const float* w = weight.data_ptr<float>();
+    const float* xp = x.data_ptr<float>();
+    over_features(M, N, y.data_ptr<float>(), [&](int64_t n, int64_t m0, int rows, float* res) {
+#if SWATTN_VNNI
+      if (simd) {
+        SWATTN_ROWS_SWITCH(dense_f32, w + n * K, xp, K, m0, res);
+        return;
+      }
+#endif
+      (void)simd;
+      dense_portable(w + n * K, xp, K, m0, rows, res);
+    });
+  } else {
+    const c10::BFloat16* w = weight.data_ptr<c10::BFloat16>();
+    const c10::BFloat16* xp = x.data_ptr<c10::BFloat16>();
+    over_features(M, N, y.data_ptr<c10::BFloat16>(), [&](int64_t n, int64_t m0, int rows, float* res) {
+#if SWATTN_VNNI && SWATTN_DPBF16
+      if (simd) {
+        SWATTN_ROWS_SWITCH(dense_bf16, w + n * K, xp, K, m0, res);
+        return;
+      }
+#endif
+      (void)simd;
+      dense_portable(w + n * K, xp, K, m0, rows, res);
+    });
+  }
+  return y;
+}
+
+// Features [row0, row1) (row0 a multiple of 16) of a quantized weight as dense (rows, K)
+// values of `like`'s dtype: prefill's panels.
+at::Tensor dequantize(const at::Tensor& qweight, const at::Tensor& scales, int64_t bits, int64_t row0, int64_t row1,
+                      const at::Tensor& like) {
+  TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4");
+  const int64_t panels = qweight.size(0), K = qweight.size(1) * 8 / (kLanes * bits), nb = K / kBlock;
+  TORCH_CHECK(0 <= row0 && row0 % kLanes == 0 && row0 <= row1 && row1 <= panels * kLanes, "feature range out of bounds");
+  at::Tensor out = at::empty({row1 - row0, K}, qweight.options().dtype(like.scalar_type()));
+  const uint8_t* wq = qweight.data_ptr<uint8_t>();
+  const at::Half* sc = scales.data_ptr<at::Half>();
+  const int64_t panel_bytes = qweight.size(1), panel_scales = scales.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, like.scalar_type(), "dequantize", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(row0 / kLanes, (row1 + kLanes - 1) / kLanes, 4, [&](int64_t p0, int64_t p1) {
+      std::vector<float> values(kLanes * K);  // (16, K)
+      for (int64_t p = p0; p < p1; ++p) {
+        const uint8_t* w = wq + p * panel_bytes;
+        const at::Half* ws = sc + p * panel_scales;
+        for (int64_t b = 0; b < nb; ++b)
+          for (int64_t j = 0; j < 8; ++j)
+            for (int64_t l = 0; l < kLanes; ++l) {
+              const float s = static_cast<float>(ws[b * kLanes + l]);
+              for (int64_t t = 0; t < 4; ++t) {
+                const int64_t k = b * kBlock + 4 * j + t;
+                const int32_t q = bits == 8 ? weight_byte<8>(w, l, k) - kOffset<8> : weight_byte<4>(w, l, k) - kOffset<4>;
+                values[l * K + k] = s * static_cast<float>(q);
+              }
+            }
+        const int64_t n0 = p * kLanes, lanes = std::min(kLanes, row1 - n0);
+        for (int64_t l = 0; l < lanes; ++l)
+          for (int64_t k = 0; k < K; ++k) o[(n0 + l - row0) * K + k] = static_cast<scalar_t>(values[l * K + k]);
+      }
+    });
+  });
+  return out;
+}
+
+// enable: 1 / 0 switches the SIMD kernels on / off (off: the portable loops), -1 leaves it;
+// gives whether they run.
+bool linear_simd(int64_t enable) {
+  if (enable >= 0) g_simd.store(enable != 0);
+#if SWATTN_VNNI
+  return g_simd.load();
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+}  // namespace swattn
+
+TORCH_LIBRARY_FRAGMENT(swattn, m) {
+  m.def("linear_simd(int enable) -> bool", &swattn::linear_simd);
+  m.def("quant_linear(Tensor x, Tensor qweight, Tensor scales, int bits, int N) -> Tensor");
+  m.def("dense_linear(Tensor x, Tensor weight) -> Tensor");
+  m.def("dequantize(Tensor qweight, Tensor scales, int bits, int row0, int row1, Tensor like) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(swattn, CPU, m) {
+  m.impl("quant_linear", &swattn::quant_linear);
+  m.impl("dense_linear", &swattn::dense_linear);
+  m.impl("dequantize", &swattn::dequantize);
+}
