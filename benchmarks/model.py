@@ -1,15 +1,20 @@
 #!/usr/bin/env python
-"""Whole-model prefill and decode: swattn vs transformers (eager, flex_attention).
+"""Whole-model prefill and decode: swattn vs transformers (eager, flex_attention) and llama.cpp.
 
 Two decoder layers of the Gemma 2 2b shape (hidden 2304, MLP 9216, 8/4 heads of 256, one
 local layer with window 4096 and one global), a 4096-token vocabulary, random weights; the
-same weights and inputs for every implementation. Prefill: time, achieved GFLOP/s (with
-its fraction of the matmul rate of that dtype measured in the same run) and peak memory. Decode:
-tokens/s after a context. Each cell runs in a fresh subprocess; a peer that cannot run a
-size is shown as such.
+same weights and inputs for every implementation (``--shape 2b``: all 26 layers and the
+256,000-token vocabulary, decode only). Prefill: time, achieved GFLOP/s (with its fraction of
+the matmul rate of that dtype measured in the same run) and peak memory. Decode: tokens/s
+after a context, and its fraction of the bandwidth bound: bytes read per token (weights in
+their format, plus the visible keys and values) over this machine's read rate measured in
+the same run. ``--weights q8 q4`` adds quantized rows (transformers has no peer for them;
+llama.cpp's Q8_0/Q4_0 are, with ``--llama-bench``). Each cell runs in a fresh subprocess;
+a peer that cannot run a size is shown as such.
 
     python benchmarks/model.py --quick     # n=4096 prefill, decode after 2048
     python benchmarks/model.py             # n in {4096, 16384, 32768, 131072}, decode after 2048 and 16384
+    swattn bench model --n --impl swattn --dtype bf16 --weights dense q8 q4   # decode only, swattn only
     swattn bench model [same options]
 """
 
@@ -24,13 +29,38 @@ import time
 import torch
 
 from swattn import dtypes
-from swattn.profiling import attention_flops, cell_worker, fmt_bytes, matmul_gflops, measure, run_cell_in_subprocess
+from swattn.profiling import (attention_flops, cell_worker, fmt_bytes, matmul_gflops, measure, read_bandwidth,
+                              run_cell_in_subprocess)
 
 SHAPE = dict(vocab_size=4096, hidden_size=2304, intermediate_size=9216, num_hidden_layers=2, num_attention_heads=8,
              num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256, sliding_window=4096,
              max_position_embeddings=262144)
+# all 26 layers of Gemma 2 2b (local and global alternating) and its vocabulary
+SHAPE_2B = dict(SHAPE, vocab_size=256000, num_hidden_layers=26, max_position_embeddings=8192)
 IMPLS = ("swattn", "eager", "flex_attention")
 DTYPES = dtypes.SHORT
+WEIGHTS = ("dense", "q8", "q4")
+
+
+def decode_bytes(shape: dict, dtype: str, weights: str, context: int, kv_bytes: float | None = None) -> float:
+    """Bytes one decode step reads: every weight once (in its format) and the visible keys and values.
+
+    The tied embedding is read as the output head (its lookup of one row is negligible);
+    quantized models keep the head in q8 (swattn's default policy).
+    """
+    from swattn import quant
+
+    h, f, heads, kv, d = (shape[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                              "num_key_value_heads", "head_dim"))
+    dense = 4 if dtype == "fp32" else 2
+    per_weight = dense if weights == "dense" else quant.bytes_per_weight(weights)
+    head_bytes = dense if weights == "dense" else quant.bytes_per_weight("q8")
+    layers = shape["num_hidden_layers"]
+    body = layers * (h * heads * d * 2 + h * kv * d * 2 + 3 * h * f) * per_weight
+    head = shape["vocab_size"] * h * head_bytes
+    kv_bytes = dense if kv_bytes is None else kv_bytes
+    visible = sum(min(context + 1, shape["sliding_window"]) if i % 2 == 0 else context + 1 for i in range(layers))
+    return body + head + visible * 2 * kv * d * kv_bytes
 
 
 def prefill_flops(n: int) -> float:
@@ -43,14 +73,17 @@ def prefill_flops(n: int) -> float:
     return dense + attention
 
 
-def _checkpoint(directory: str) -> str:
-    """Writes the random two-layer model once (transformers' own save) and gives its path."""
-    path = os.path.join(directory, "gemma2-2layer")
+def _checkpoint(directory: str, shape: str = "2layer") -> str:
+    """Writes the random model once (transformers' own save, bf16 for the 2b shape) and gives its path."""
+    path = os.path.join(directory, "gemma2-2layer" if shape == "2layer" else "gemma2-2b-random")
     if not os.path.exists(os.path.join(path, "config.json")):
         from transformers import Gemma2Config, Gemma2ForCausalLM
 
         torch.manual_seed(0)
-        model = Gemma2ForCausalLM(Gemma2Config(**SHAPE))
+        if shape == "2b":  # 2.6B parameters: built and saved in bf16 (5 GB), not fp32 (10 GB)
+            torch.set_default_dtype(torch.bfloat16)
+        model = Gemma2ForCausalLM(Gemma2Config(**(SHAPE if shape == "2layer" else SHAPE_2B)))
+        torch.set_default_dtype(torch.float32)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "norm" in name:
@@ -59,11 +92,11 @@ def _checkpoint(directory: str) -> str:
     return path
 
 
-def _load(impl: str, path: str, dtype: torch.dtype):
+def _load(impl: str, path: str, dtype: torch.dtype, weights: str = "dense"):
     if impl == "swattn":
         from swattn.models.loading import load
 
-        return load(path, dtype=dtype)
+        return load(path, dtype=dtype, weights=None if weights == "dense" else weights)
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, attn_implementation=impl, dtype=dtype).eval()
@@ -86,7 +119,8 @@ def _fill_swattn_cache(model, ids, chunk, cache):
     """Feeds ``ids`` (batch 1) through swattn's caches ``chunk`` tokens at a time; gives the last logits."""
     for start in range(0, ids.shape[1], chunk):
         part = ids[:, start : start + chunk]
-        logits = model(part, torch.arange(start, start + part.shape[1]).view(1, -1), cache, last_only=True)
+        pos = torch.arange(start, start + part.shape[1]).expand(part.shape[0], -1)
+        logits = model(part, pos, cache, last_only=True)
     return logits
 
 
@@ -103,7 +137,7 @@ def _fill_peer_cache(model, ids, chunk):
 def run_cell(cell: dict) -> dict:
     """One implementation, one task (prefill of n tokens, or decode after a context)."""
     dtype = DTYPES[cell["dtype"]]
-    model = _load(cell["impl"], cell["path"], dtype)
+    model = _load(cell["impl"], cell["path"], dtype, cell.get("weights", "dense"))
     gen = torch.Generator().manual_seed(1)
     if cell["task"] == "prefill":
         ids = torch.randint(0, SHAPE["vocab_size"], (1, cell["n"]), generator=gen)
@@ -117,15 +151,22 @@ def run_cell(cell: dict) -> dict:
             seconds, growth = measure(lambda: _prefill(cell["impl"], model, ids, cell["chunk"]), repeat=cell["repeat"],
                                       warmup=full_warmup)
         return {"seconds": seconds, "peak": growth}
-    context, steps = cell["n"], cell["steps"]
-    ids = torch.randint(0, SHAPE["vocab_size"], (1, context + steps), generator=gen)
+    context, steps, batch = cell["n"], cell["steps"], cell.get("batch", 1)
+    ids = torch.randint(0, SHAPE["vocab_size"], (batch, context + steps + 1), generator=gen)  # in both vocabularies
     with torch.inference_mode():
         if cell["impl"] == "swattn":
-            cache = model.new_cache(1, capacity=context + steps)
+            cache = model.new_cache(batch, capacity=context + steps + 2)
             _fill_swattn_cache(model, ids[:, :context], cell["chunk"], cache)
-            start = time.perf_counter()
+            model(ids[:, context : context + 1], torch.full((batch, 1), context), cache)  # warm-up step
+            context += 1
+            times = []
             for i in range(steps):
-                model(ids[:, context + i : context + i + 1], torch.tensor([[context + i]]), cache)
+                t0 = time.perf_counter()
+                model(ids[:, context + i : context + i + 1], torch.full((batch, 1), context + i), cache)
+                times.append(time.perf_counter() - t0)
+            last = context + steps
+            overhead = _overhead(model, cache, ids[:, last - 1 : last], torch.full((batch, 1), last), times)
+            return {"tokens_per_s": batch * steps / sum(times), "overhead": overhead}
         else:
             cache = _fill_peer_cache(model, ids[:, :context], cell["chunk"])
             start = time.perf_counter()
@@ -136,6 +177,17 @@ def run_cell(cell: dict) -> dict:
     return {"tokens_per_s": steps / seconds}
 
 
+def _overhead(model, cache, ids, pos, times: list[float]) -> float:
+    """Seconds per step outside swattn's compiled kernels (the Python and PyTorch bookkeeping around them):
+    the steps' median time minus the kernels' own time in one more step, profiled, on the same cache."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(ids, pos, cache)
+    kernels = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key.startswith("swattn::")) / 1e6
+    return max(0.0, sorted(times)[len(times) // 2] - kernels)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="swattn bench model", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="prefill 4096 tokens, decode after 2048, fp32")
@@ -144,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--impl", nargs="+", choices=IMPLS, default=list(IMPLS))
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed")
+    parser.add_argument("--weights", nargs="+", choices=WEIGHTS, default=["dense"],
+                        help="swattn's linear layers: dense (the dtype's), q8, q4")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1], help="sequences decoding together (swattn)")
+    parser.add_argument("--shape", choices=["2layer", "2b"], default="2layer",
+                        help="2b: all 26 layers and the 256k vocabulary (decode only; a 5 GB checkpoint)")
     parser.add_argument("--repeat", type=int, default=1, help="timed prefill runs (median)")
     parser.add_argument("--chunk", type=int, default=4096,
                         help="swattn's prefill chunk (and the chunk that fills caches before decoding)")
@@ -158,42 +215,65 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.n, args.contexts, args.dtype = [4096], [2048], ["fp32"]
-    path = _checkpoint(args.dir)
+    shape = SHAPE if args.shape == "2layer" else SHAPE_2B
+    if args.shape == "2b":
+        args.n, args.impl = [], [i for i in args.impl if i == "swattn"]  # decode only: the 2b shape's bound
+    path = _checkpoint(args.dir, args.shape)
     rates = {name: matmul_gflops(DTYPES[name], size=2048) for name in args.dtype}
-    print(f"# Gemma 2 2b-shaped, 2 layers (local w=4096 + global), vocab 4096, random weights; torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads; matmul 2048^3 now: "
-          + ", ".join(f"{name} {r:.0f} GFLOP/s" for name, r in rates.items()))
-    print("# prefill: seconds, GFLOP/s (% of that dtype's matmul rate), peak memory growth; 'x' = peer time / swattn time")
+    bandwidth = read_bandwidth()
+    print(f"# Gemma 2 2b-shaped, {shape['num_hidden_layers']} layers (local w=4096 / global), vocab "
+          f"{shape['vocab_size']}, random weights; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          "matmul 2048^3 now: " + ", ".join(f"{name} {r:.0f} GFLOP/s" for name, r in rates.items())
+          + f"; memory read {bandwidth:.1f} GB/s")
+    if args.n:
+        print("# prefill: seconds, GFLOP/s (% of that dtype's matmul rate), peak memory growth; "
+              "'x' = peer time / swattn time")
+    print("# decode: tokens/s (all rows), and % of the bandwidth bound: bytes per step (weights in their format + "
+          "each row's visible K/V) / the read rate above; 'x' = swattn / peer")
     for dtype in args.dtype:
-        for n in args.n:
-            row, ours = f"prefill {n:>6} {dtype} |", None
-            for impl in args.impl:
-                if impl != "swattn" and n > args.peer_max_n:
-                    row += f" {impl}: not run (n > --peer-max-n) |"
-                    continue
-                r = run_cell_in_subprocess(os.path.abspath(__file__), dict(impl=impl, task="prefill", n=n, dtype=dtype, path=path, repeat=args.repeat, chunk=args.chunk), args.timeout)
-                if "seconds" not in r:
-                    row += f" {impl}: {r['error']} |"
-                    continue
-                gf = prefill_flops(n) / r["seconds"] / 1e9
-                ratio = f" {r['seconds'] / ours:.1f}x" if ours and impl != "swattn" else ""
-                ours = ours or (r["seconds"] if impl == "swattn" else None)
-                row += f" {impl}: {r['seconds']:.2f} s {gf:.0f} GFLOP/s ({100 * gf / rates[dtype]:.0f}%) {fmt_bytes(r['peak'])}{ratio} |"
-            print(row, flush=True)
-        for context in args.contexts:
-            row, ours = f"decode @{context:>6} {dtype} |", None
-            for impl in args.impl:
-                if impl == "flex_attention":
-                    continue  # decode through flex recompiles per length: not a fair peer here
-                r = run_cell_in_subprocess(os.path.abspath(__file__), dict(impl=impl, task="decode", n=context, dtype=dtype, path=path, steps=args.steps, chunk=args.chunk),
-                           args.timeout)
-                if "tokens_per_s" not in r:
-                    row += f" {impl}: {r['error']} |"
-                    continue
-                ratio = f" (swattn {ours / r['tokens_per_s']:.1f}x)" if ours and impl != "swattn" else ""
-                ours = ours or (r["tokens_per_s"] if impl == "swattn" else None)
-                row += f" {impl}: {r['tokens_per_s']:.1f} tokens/s{ratio} |"
-            print(row, flush=True)
+        for weights in args.weights:
+            tag = dtype if weights == "dense" else f"{dtype}+{weights}"
+            impls = [i for i in args.impl if weights == "dense" or i == "swattn"]
+            for n in args.n:
+                row, ours = f"prefill {n:>6} {tag} |", None
+                for impl in impls:
+                    if impl != "swattn" and n > args.peer_max_n:
+                        row += f" {impl}: not run (n > --peer-max-n) |"
+                        continue
+                    r = run_cell_in_subprocess(os.path.abspath(__file__), dict(
+                        impl=impl, task="prefill", n=n, dtype=dtype, weights=weights, path=path, repeat=args.repeat,
+                        chunk=args.chunk), args.timeout)
+                    if "seconds" not in r:
+                        row += f" {impl}: {r['error']} |"
+                        continue
+                    gf = prefill_flops(n) / r["seconds"] / 1e9
+                    ratio = f" {r['seconds'] / ours:.1f}x" if ours and impl != "swattn" else ""
+                    ours = ours or (r["seconds"] if impl == "swattn" else None)
+                    row += (f" {impl}: {r['seconds']:.2f} s {gf:.0f} GFLOP/s ({100 * gf / rates[dtype]:.0f}%) "
+                            f"{fmt_bytes(r['peak'])}{ratio} |")
+                print(row, flush=True)
+            for context in args.contexts:
+                for batch in args.batch:
+                    row, ours = f"decode @{context:>6} {tag} x{batch} |", None
+                    step_bytes = decode_bytes(shape, dtype, weights, context)
+                    step_bytes += (batch - 1) * (step_bytes - decode_bytes(shape, dtype, weights, -1))
+                    bound = batch * bandwidth * 1e9 / step_bytes
+                    for impl in impls:
+                        if impl == "flex_attention" or (impl != "swattn" and batch > 1):
+                            continue  # flex recompiles per length in decode; peers run one sequence here
+                        r = run_cell_in_subprocess(os.path.abspath(__file__), dict(
+                            impl=impl, task="decode", n=context, dtype=dtype, weights=weights, path=path,
+                            steps=args.steps, chunk=args.chunk, batch=batch), args.timeout)
+                        if "tokens_per_s" not in r:
+                            row += f" {impl}: {r['error']} |"
+                            continue
+                        rate = r["tokens_per_s"]
+                        ratio = f" (swattn {ours / rate:.2f}x)" if ours and impl != "swattn" else ""
+                        ours = ours or (rate if impl == "swattn" else None)
+                        extra = (f", {100 * rate / bound:.0f}% of bound, overhead {1e3 * r['overhead']:.2f} ms/step"
+                                 if impl == "swattn" else "")
+                        row += f" {impl}: {rate:.1f} tokens/s{ratio}{extra} |"
+                    print(row + f" bound {bound:.0f} tokens/s ({fmt_bytes(step_bytes)} per step)", flush=True)
     return 0
 
 

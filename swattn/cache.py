@@ -27,6 +27,14 @@ from swattn.ops.validate import check_window
 INITIAL_CAPACITY = 256  # a growable FullCache starts here and doubles
 
 
+def _decode_kernel(q: torch.Tensor) -> bool:
+    """Whether a one-token step runs through the compiled decode step (CPU tensors the kernel takes)."""
+    from swattn.ops import cpu, linear
+
+    return q.device.type == "cpu" and q.dtype in cpu.DTYPES and linear.kernels() and not (
+        torch.is_grad_enabled() and q.requires_grad)
+
+
 @dataclass(frozen=True)
 class CacheState:
     """A saved copy of one layer cache (see ``save``/``restore``)."""
@@ -76,11 +84,13 @@ class _LayerCache:
         """Tokens seen per row, ``(batch,)``: the last stored position + 1 (0 when empty)."""
         return self.last_pos + 1
 
-    def _check(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, aligned: bool = False) -> torch.Tensor:
+    def _check(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, aligned: bool = False,
+               order: bool = True) -> torch.Tensor:
         """Checks a chunk against the cache; gives its positions as (batch, chunk) int64.
 
         ``aligned``: the caller vouches that the positions continue ``dense`` in every row
-        (see :meth:`ModelCache.aligned`), so their order is not read back and checked again.
+        (see :meth:`ModelCache.aligned`), so their order is not read back and checked again;
+        ``order=False``: the caller checks the order itself (the decode kernel does).
         """
         batch, heads_kv, _, head_dim = self.k.shape
         for name, t in (("k", k), ("v", v)):
@@ -102,10 +112,13 @@ class _LayerCache:
             pos = pos.unsqueeze(0).expand(batch, -1)
         if pos.shape != (batch, chunk):
             raise ValueError(f"pos must have shape ({batch}, {chunk}) or ({chunk},), got {tuple(pos.shape)}")
-        pos = pos.to(device=self.k.device, dtype=torch.int64)
+        if pos.dtype != torch.int64 or pos.device != self.k.device:
+            pos = pos.to(device=self.k.device, dtype=torch.int64)
         if aligned:
             if self.dense is None:
                 raise ValueError("aligned=True needs a cache whose rows hold positions 0 .. dense - 1")
+            return pos
+        if not order:
             return pos
         # Positions of a row must increase, within the chunk and after what is stored.
         valid = pos >= 0
@@ -156,6 +169,8 @@ class _LayerCache:
         Returns:
             ``(batch, heads, chunk, head_dim)``; padding tokens get zeros.
         """
+        if k.shape[2] == 1 and _decode_kernel(q):
+            return self._decode(q, k, v, pos, softcap, scale, aligned)
         if aligned and self.dense is not None and (k.shape[2] > 1 or self.ALIGNED_DECODE):
             pos = self._check(k, v, pos, aligned=True)
             keys, values = self._update_aligned(k, v, pos)
@@ -168,6 +183,28 @@ class _LayerCache:
         return sliding_window_attention(
             q, keys, values, self.window, softcap=softcap, scale=scale, q_pos=q_pos.to(key_pos.device), k_pos=key_pos
         )
+
+    def _decode(self, q, k, v, pos, softcap, scale, aligned) -> torch.Tensor:
+        """One token per row through the compiled decode step: store, then attend, in one call."""
+        pos = self._check(k, v, pos, order=False).reshape(-1)  # (batch,): one token per row
+        start = self.dense
+        if isinstance(self, FullCache):
+            # the capacity check needs the furthest position: known on the host when aligned
+            needed = start + 1 if aligned and start is not None else int(pos.max()) + 1
+            self._reserve(needed)
+            self._used = max(self._used, needed)
+        window = -1 if self.window is None else self.window
+        try:
+            out = torch.ops.swattn.decode_attention(
+                q.contiguous(), k.contiguous(), v.contiguous(), self.k, self.v, None, None, self.slot_pos,
+                self.last_pos, pos, window, isinstance(self, RingCache), getattr(self, "_used", 0),
+                0.0 if softcap is None else float(softcap), q.shape[-1] ** -0.5 if scale is None else float(scale))
+        except RuntimeError as exc:
+            if "positions must increase" in str(exc):
+                raise ValueError(str(exc).splitlines()[0]) from None
+            raise
+        self.dense = start + 1 if aligned and start is not None else None
+        return out
 
     def rows(self, start: int, stop: int) -> _LayerCache:
         """A cache over rows ``start:stop`` whose buffers are views of this one's (writes go through).

@@ -55,6 +55,29 @@ def matmul_gflops(dtype: torch.dtype = torch.float32, size: int = 1024, repeat: 
     return 2 * size**3 / best / 1e9
 
 
+def read_bandwidth(nbytes: int = 1 << 30, repeat: int = 5) -> float:
+    """This machine's memory read rate in GB/s, with PyTorch's threads: the best reader measured.
+
+    Two readers over ``nbytes`` (far larger than the caches): PyTorch's sum of a float32
+    tensor, and swattn's one-row product streaming a bf16 matrix (when the CPU kernel builds
+    here), best of ``repeat`` runs each. The yardstick for "fraction of the bandwidth" of decoding.
+    """
+    from swattn.ops import cpu, linear
+
+    x = torch.ones(nbytes // 4)
+    x.sum()
+    best = min(median_time(lambda: x.sum(), repeat=1, warmup=0) for _ in range(repeat))
+    rate = nbytes / best / 1e9
+    del x
+    if linear.kernels():
+        w = torch.ones(nbytes // 2 // 4096, 4096, dtype=torch.bfloat16)
+        row = torch.ones(1, 4096, dtype=torch.bfloat16)
+        linear.dense(row, w)
+        best = min(median_time(lambda: linear.dense(row, w), repeat=1, warmup=0) for _ in range(repeat))
+        rate = max(rate, w.numel() * 2 / best / 1e9)
+    return rate
+
+
 def _status_kib(field: str) -> int | None:
     """A field of /proc/self/status in KiB; None where there is no /proc (macOS, some containers)."""
     try:

@@ -50,15 +50,17 @@ def schedule(kind, length):
 
 
 def make(kind, batch=2):
+    if kind == "full-windowed":  # a local layer keeping every token (caches without rings)
+        return FullCache(batch, HEADS_KV, DIM, window=W)
     return RingCache(batch, HEADS_KV, DIM, W) if kind == "ring" else FullCache(batch, HEADS_KV, DIM)
 
 
-@pytest.mark.parametrize("cache_kind", ["ring", "full"])
+@pytest.mark.parametrize("cache_kind", ["ring", "full", "full-windowed"])
 @pytest.mark.parametrize("sizes", ["1", "3", "W-1", "W", "W+1", "3W", "mix"])
 def test_chunks_of_any_size_equal_one_full_pass(cache_kind, sizes):
     q, k, v, pos = text()
     cache = make(cache_kind)
-    window = W if cache_kind == "ring" else None
+    window = None if cache_kind == "full" else W
     got = chunked(cache, q, k, v, pos, schedule(sizes, q.shape[2]), softcap=20.0)
     torch.testing.assert_close(got, full_pass(q, k, v, pos, window, softcap=20.0), atol=1e-5, rtol=1e-5)
     assert (got[1, :, :4] == 0).all()  # row 1's padding

@@ -16,8 +16,15 @@ from torch import nn
 from swattn.cache import ModelCache
 from swattn.models.config import ModelConfig, Rope
 from swattn.models.layers import Linear, QuantEmbedding, QuantLinear
-from swattn.ops import linear
+from swattn.ops import cpu, linear
 from swattn.ops.api import sliding_window_attention
+
+
+def _row_kernel(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a decode step's few rows that the compiled row-wise ops take (inference only)."""
+    tokens = x.shape[0] * x.shape[-2] if x.dim() == 4 else x.numel() // x.shape[-1]  # (batch, heads, seq, dim)
+    return (tokens <= linear.SMALL_ROWS and x.device.type == "cpu" and x.dtype in cpu.DTYPES
+            and x.stride(-1) == 1 and not (torch.is_grad_enabled() and x.requires_grad) and linear.kernels())
 
 
 class RMSNorm(nn.Module):
@@ -29,6 +36,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _row_kernel(x):  # a decode step's few rows: one call instead of a dozen
+            return torch.ops.swattn.rms_norm(x.contiguous(), self.weight, self.eps, self.plus_one)
         xf = x.float()
         # mean(x^2) from the norm: one read of x instead of writing x^2 out and reading it back
         ms = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square() / x.shape[-1]
@@ -52,6 +61,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     ``x * cos + rotate_half(x) * sin``, written into a contiguous result (the layout the
     attention op takes, so it need not copy) without building ``rotate_half(x)``.
     """
+    if _row_kernel(x):
+        return torch.ops.swattn.rotary(x, cos, sin)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     half = x.shape[-1] // 2
     if torch.is_grad_enabled() and x.requires_grad:  # out= has no autograd: the plain formula

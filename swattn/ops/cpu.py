@@ -1,4 +1,5 @@
-"""The compiled CPU backend: builds ``csrc/*.cpp`` (attention; linear layers) on first use and calls it.
+"""The compiled CPU backend: builds ``csrc/*.cpp`` (attention, linear layers, the decode step's
+attention and row-wise layers) on first use and calls it.
 
 The kernel is compiled for the machine it runs on (``-march=native``) by PyTorch's
 extension builder and cached (``~/.cache/torch_extensions``; ``TORCH_EXTENSIONS_DIR``
@@ -24,7 +25,8 @@ from swattn.ops.validate import Problem
 DTYPES = dtypes.KERNEL
 BLOCK_K = 512  # keys per score tile; a module attribute so tests can shrink it
 ROWS = 128  # matrix rows per work item (queries x grouped heads)
-_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("swattn_cpu.cpp", "swattn_linear.cpp")]
+_SOURCES = [Path(__file__).parent / "csrc" / name for name in
+            ("swattn_cpu.cpp", "swattn_linear.cpp", "swattn_decode.cpp", "swattn_rows.cpp")]
 _lock = threading.Lock()
 _state: dict[str, object] = {"loaded": False, "error": None}
 
@@ -53,7 +55,7 @@ def load() -> None:
             raise RuntimeError(_state["error"])
         from torch.utils import cpp_extension
 
-        source = b"".join(path.read_bytes() for path in _SOURCES)
+        source = b"".join(path.read_bytes() for path in (*_SOURCES, *_SOURCES[0].parent.glob("*.h")))
         key = hashlib.sha256(source + _cpu_signature().encode() + torch.__version__.encode()).hexdigest()[:12]
         name = f"swattn_cpu_{key}"
         build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))

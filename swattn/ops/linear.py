@@ -39,8 +39,7 @@ def _small(x: torch.Tensor, limit: int = SMALL_ROWS) -> bool:
 def dense(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x`` ``(..., K)`` times ``weight`` ``(N, K)`` transposed: ``(..., N)`` (no autograd through the kernel)."""
     if _small(x, DENSE_ROWS.get(x.dtype, 0)) and weight.dtype == x.dtype and weight.is_contiguous() and not _needs_grad(x, weight):
-        rows = x.reshape(-1, x.shape[-1]).contiguous()
-        return torch.ops.swattn.dense_linear(rows, weight).view(*x.shape[:-1], weight.shape[0])
+        return torch.ops.swattn.dense_linear(x.contiguous(), weight)
     return F.linear(x, weight)
 
 
@@ -48,9 +47,9 @@ def quantized(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, fmt:
     """``x`` ``(..., K)`` times a quantized weight of ``n`` features (see :mod:`swattn.quant`) transposed:
     ``(..., n)`` in x's dtype."""
     bits = quant.BITS[fmt]
-    rows = x.reshape(-1, x.shape[-1])
     if _small(x):
-        return torch.ops.swattn.quant_linear(rows.contiguous(), qweight, scales, bits, n).view(*x.shape[:-1], n)
+        return torch.ops.swattn.quant_linear(x.contiguous(), qweight, scales, bits, n)
+    rows = x.reshape(-1, x.shape[-1])
     out = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
     for start in range(0, n, PANEL):
         stop = min(n, start + PANEL)

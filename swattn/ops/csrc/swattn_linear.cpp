@@ -210,14 +210,24 @@ void over_features(int64_t M, int64_t N, T* y, Fn fn) {
   });
 }
 
-void check_rows(const at::Tensor& x, int64_t K) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous (rows, in_features) tensor");
-  TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " features, the weight ", K);
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxRows, "these kernels take 1..", kMaxRows, " rows, got ", x.size(0));
+// x: (..., K) contiguous, 1..16 rows in all; gives the row count.
+int64_t check_rows(const at::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.dim() >= 1 && x.is_contiguous(), "x must be a contiguous (..., in_features) tensor");
+  TORCH_CHECK(x.size(-1) == K, "x has ", x.size(-1), " features, the weight ", K);
+  const int64_t rows = x.numel() / K;
+  TORCH_CHECK(rows >= 1 && rows <= kMaxRows, "these kernels take 1..", kMaxRows, " rows, got ", rows);
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
+  return rows;
 }
 
-// y (M, N) = x (M, K) W^T for a q8 (bits 8) or q4 (bits 4) weight in panels: qweight
+// The output's shape: x's with the last dimension N.
+std::vector<int64_t> out_shape(const at::Tensor& x, int64_t N) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return shape;
+}
+
+// y (..., N) = x (..., K) W^T for a q8 (bits 8) or q4 (bits 4) weight in panels: qweight
 // uint8 (ceil(N/16), K * 16 * bits / 8), scales fp16 (ceil(N/16), K / 32 * 16).
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t bits,
                         int64_t N) {
@@ -229,13 +239,12 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   TORCH_CHECK(panels == (N + kLanes - 1) / kLanes, "qweight has ", panels, " panels, not enough for ", N, " features");
   TORCH_CHECK(K % 64 == 0, "in_features must be a multiple of 64, got ", K);
   TORCH_CHECK(scales.dim() == 2 && scales.size(0) == panels && scales.size(1) == nb * kLanes, "scales have the wrong shape");
-  check_rows(x, K);
-  const int64_t M = x.size(0);
+  const int64_t M = check_rows(x, K);
   QuantRows xr;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "quantize_rows", [&] {
     xr = quantize_rows(x.data_ptr<scalar_t>(), M, K, bits == 8 ? kOffset<8> : kOffset<4>);
   });
-  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor y = at::empty(out_shape(x, N), x.options());
   const uint8_t* wq = qweight.data_ptr<uint8_t>();
   const at::Half* sc = scales.data_ptr<at::Half>();
   const int64_t panel_bytes = qweight.size(1), panel_scales = scales.size(1);
@@ -336,9 +345,8 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "weight must be a contiguous (N, K) tensor");
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "x and weight must have one dtype");
   const int64_t N = weight.size(0), K = weight.size(1);
-  check_rows(x, K);
-  const int64_t M = x.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
+  const int64_t M = check_rows(x, K);
+  at::Tensor y = at::empty(out_shape(x, N), x.options());
   const bool simd = use_simd();
   if (x.scalar_type() == at::kFloat) {
     const float* w = weight.data_ptr<float>();

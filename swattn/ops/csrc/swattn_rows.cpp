@@ -1,0 +1,98 @@
+// Row-wise layers of the decode step in one call each: RMSNorm and the rotary embedding.
+//
+// A decoding step moves a few rows of a few thousand values through each layer; the PyTorch
+// formulas spend a dozen operator calls (and their allocations) per norm on that, more than
+// the arithmetic. These compute the same formulas in fp32, rounding once at the end.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace swattn {
+namespace {
+
+// Gemma (plus_one): y = x / rms(x) * (1 + w), in fp32, then cast.
+// Llama/Mistral: y = w * cast(x / rms(x)), the product in w's dtype.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, bool plus_one) {
+  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "x and weight must be contiguous");
+  TORCH_CHECK(weight.dim() == 1 && x.size(-1) == weight.size(0), "weight must match x's last dimension");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "x and weight must have one dtype");
+  const int64_t D = weight.size(0), rows = x.numel() / D;
+  at::Tensor y = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "rms_norm", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = weight.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* xr = xp + r * D;
+        float ss = 0.0f;
+        for (int64_t e = 0; e < D; ++e) {
+          const float v = static_cast<float>(xr[e]);
+          ss += v * v;
+        }
+        const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+        scalar_t* yr = yp + r * D;
+        if (plus_one) {
+          for (int64_t e = 0; e < D; ++e)
+            yr[e] = static_cast<scalar_t>(static_cast<float>(xr[e]) * inv * (1.0f + static_cast<float>(wp[e])));
+        } else {
+          for (int64_t e = 0; e < D; ++e) {
+            const float n = static_cast<float>(static_cast<scalar_t>(static_cast<float>(xr[e]) * inv));
+            yr[e] = static_cast<scalar_t>(static_cast<float>(wp[e]) * n);
+          }
+        }
+      }
+    });
+  });
+  return y;
+}
+
+// x (B, H, S, D) of any strides; cos, sin (B, 1, S, D) float32 contiguous. Gives
+// x * cos + rotate_half(x) * sin, contiguous, in x's dtype (the split-half layout).
+at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.dim() == 4, "x must be (batch, heads, seq, head_dim)");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+                  sin.is_contiguous(), "cos and sin must be contiguous float32");
+  const int64_t B = x.size(0), H = x.size(1), S = x.size(2), D = x.size(3), half = D / 2;
+  TORCH_CHECK(D % 2 == 0 && cos.numel() == B * S * D && sin.numel() == B * S * D, "cos/sin must be (batch, 1, seq, head_dim)");
+  TORCH_CHECK(x.stride(3) == 1, "x's last dimension must be contiguous");
+  at::Tensor y = at::empty({B, H, S, D}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "rotary", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    const float* cp = cos.data_ptr<float>();
+    const float* sp = sin.data_ptr<float>();
+    const int64_t sb = x.stride(0), sh = x.stride(1), ss = x.stride(2);
+    at::parallel_for(0, B * H * S, 256, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / (H * S), h = (i / S) % H, s = i % S;
+        const scalar_t* xr = xp + b * sb + h * sh + s * ss;
+        const float* c = cp + (b * S + s) * D;
+        const float* n = sp + (b * S + s) * D;
+        scalar_t* yr = yp + i * D;
+        for (int64_t e = 0; e < half; ++e) {
+          const float x1 = static_cast<float>(xr[e]), x2 = static_cast<float>(xr[e + half]);
+          yr[e] = static_cast<scalar_t>(x1 * c[e] - x2 * n[e]);
+          yr[e + half] = static_cast<scalar_t>(x2 * c[e + half] + x1 * n[e + half]);
+        }
+      }
+    });
+  });
+  return y;
+}
+
+}  // namespace
+}  // namespace swattn
+
+TORCH_LIBRARY_FRAGMENT(swattn, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps, bool plus_one) -> Tensor");
+  m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(swattn, CPU, m) {
+  m.impl("rms_norm", &swattn::rms_norm);
+  m.impl("rotary", &swattn::rotary);
+}

@@ -1,0 +1,96 @@
+"""The compiled decode step (store + attend in one call, flash-decoding splits) and the row-wise ops, against the oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from swattn.cache import FullCache, RingCache
+from swattn.ops import cpu
+from swattn.ops.reference import reference_attention
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="needs the compiled CPU kernel")
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+
+
+def _decode_run(cache, steps, heads, heads_kv, dim, dtype, softcap, pad_row=False, seed=0):
+    """Feeds ``steps`` tokens one at a time; gives every step's output and the inputs, (batch, heads, steps, dim)."""
+    g = torch.Generator().manual_seed(seed)
+    batch = cache.k.shape[0]
+    q = torch.randn(batch, heads, steps, dim, generator=g).to(dtype)
+    k = torch.randn(batch, heads_kv, steps, dim, generator=g).to(dtype)
+    v = torch.randn(batch, heads_kv, steps, dim, generator=g).to(dtype)
+    pos = torch.arange(steps).repeat(batch, 1)
+    if pad_row:  # the last row starts 3 steps late (left padding)
+        pos[-1] -= 3
+        pos[-1, :3] = -1
+    outs = [cache.attend(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], pos[:, t : t + 1], softcap=softcap)
+            for t in range(steps)]
+    return torch.cat(outs, dim=2), q, k, v, pos
+
+
+@pytest.mark.parametrize("heads,heads_kv", [(4, 4), (4, 2), (8, 1)], ids=["MHA", "GQA", "MQA"])
+@pytest.mark.parametrize("kind,window", [("ring", 1), ("ring", 5), ("ring", 64), ("full", None), ("full", 5)])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_matches_the_oracle(heads, heads_kv, kind, window, softcap, dtype):
+    dim, steps, batch = 40, 23, 3
+    cache = RingCache(batch, heads_kv, dim, window, dtype=dtype) if kind == "ring" else \
+        FullCache(batch, heads_kv, dim, window=window, dtype=dtype)
+    got, q, k, v, pos = _decode_run(cache, steps, heads, heads_kv, dim, dtype, softcap, pad_row=True)
+    want = reference_attention(q, k, v, window, softcap=softcap, q_pos=pos, k_pos=pos, compute_dtype=torch.float64)
+    torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
+    assert (got[-1, :, :3] == 0).all()  # the padding row's steps
+
+
+@pytest.mark.parametrize("kind", ["ring", "full"])
+def test_flash_decoding_splits_a_long_cache_across_threads(kind, monkeypatch):
+    """One row and one kv head: the slots are split across threads and merged by log-sum-exp."""
+    torch.set_num_threads(max(2, torch.get_num_threads()))
+    window = 700
+    cache = RingCache(1, 1, 32, window) if kind == "ring" else FullCache(1, 1, 32, capacity=1200)
+    g = torch.Generator().manual_seed(1)
+    n = 1100
+    q = torch.randn(1, 4, n, 32, generator=g)
+    k, v = torch.randn(1, 1, n, 32, generator=g), torch.randn(1, 1, n, 32, generator=g)
+    pos = torch.arange(n).view(1, -1)
+    cache.attend(q[:, :, : n - 1], k[:, :, : n - 1], v[:, :, : n - 1], pos[:, : n - 1])  # prefill
+    got = cache.attend(q[:, :, n - 1 :], k[:, :, n - 1 :], v[:, :, n - 1 :], pos[:, n - 1 :], softcap=7.0)
+    w = window if kind == "ring" else None
+    want = reference_attention(q, k, v, w, softcap=7.0, q_pos=pos, k_pos=pos)[:, :, n - 1 :]
+    torch.testing.assert_close(got, want.float(), atol=2e-5, rtol=2e-5)
+
+
+def test_decode_step_refuses_positions_that_do_not_increase_without_writing():
+    cache = RingCache(2, 1, 16, 4)
+    x = torch.randn(2, 1, 1, 16)
+    cache.attend(x, x, x, torch.tensor([[3], [3]]))
+    before = (cache.k.clone(), cache.slot_pos.clone(), cache.last_pos.clone())
+    with pytest.raises(ValueError, match="positions must increase"):
+        cache.attend(x, x, x, torch.tensor([[4], [2]]))
+    assert all(torch.equal(a, b) for a, b in zip(before, (cache.k, cache.slot_pos, cache.last_pos)))
+
+
+@pytest.mark.parametrize("plus_one", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_ops_match_the_formulas(plus_one, dtype):
+    from swattn.models.transformer import RMSNorm, apply_rotary, rotary
+    from swattn.models.config import Rope
+
+    torch.manual_seed(0)
+    norm = RMSNorm(96, 1e-6, plus_one)
+    with torch.no_grad():
+        norm.weight.normal_()
+    norm = norm.to(dtype)
+    x = torch.randn(3, 1, 96).to(dtype)
+    got = torch.ops.swattn.rms_norm(x, norm.weight, 1e-6, plus_one)
+    with torch.enable_grad():  # the PyTorch formula (the op is taken only without autograd)
+        want = norm(x.requires_grad_()).detach()
+    torch.testing.assert_close(got, want, atol=TOL[dtype] * 4, rtol=TOL[dtype])
+    pos = torch.tensor([[5], [9], [0]])
+    cos, sin = rotary(pos, 64, Rope(theta=10000.0))
+    qv = torch.randn(3, 1, 4, 64).to(dtype).transpose(1, 2)  # a strided view, as the projections give
+    got = torch.ops.swattn.rotary(qv, cos.contiguous(), sin.contiguous())
+    with torch.enable_grad():
+        want = apply_rotary(qv.requires_grad_(), cos, sin).detach()
+    torch.testing.assert_close(got, want, atol=TOL[dtype] * 4, rtol=TOL[dtype])
