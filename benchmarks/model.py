@@ -155,7 +155,7 @@ def run_cell(cell: dict) -> dict:
     ids = torch.randint(0, SHAPE["vocab_size"], (batch, context + steps + 1), generator=gen)  # in both vocabularies
     with torch.inference_mode():
         if cell["impl"] == "swattn":
-            cache = model.new_cache(batch, capacity=context + steps + 2)
+            cache = model.new_cache(batch, capacity=context + steps + 2, kv_dtype=cell.get("kv_dtype"))
             _fill_swattn_cache(model, ids[:, :context], cell["chunk"], cache)
             model(ids[:, context : context + 1], torch.full((batch, 1), context), cache)  # warm-up step
             context += 1
@@ -175,6 +175,43 @@ def run_cell(cell: dict) -> dict:
                               logits_to_keep=1).past_key_values
         seconds = time.perf_counter() - start
     return {"tokens_per_s": steps / seconds}
+
+
+# swattn's KV storage -> llama.cpp's cache type (-ctk/-ctv); llama.cpp has no f32 cache
+LLAMA_KV = {"bf16": "bf16", "fp16": "f16", "int8": "q8_0", None: None}
+
+
+def _llama_format(dtype: str, weights: str) -> str:
+    """The GGUF that matches a swattn row: its dense dtype, or the quantized format."""
+    return weights if weights != "dense" else dtype
+
+
+def llama_bench(binary: str, gguf: str, task: str, n: int, steps: int, kv: str | None, timeout: float) -> dict:
+    """llama.cpp's own benchmark, 2 threads, median of 3, both attention settings, the better one.
+
+    Prefill: ``-p n -n 0``; decode: ``-p 0 -n steps -d n`` (generation after n tokens of depth).
+    ``kv``: its cache type (-ctk/-ctv), None for its default (f16).
+    """
+    import json
+    import subprocess
+
+    best, notes = None, []
+    for fa in ("off", "on"):
+        cmd = [binary, "-m", gguf, "-t", str(torch.get_num_threads()), "-r", "3", "-fa", fa, "-o", "json"]
+        cmd += ["-p", str(n), "-n", "0"] if task == "prefill" else ["-p", "0", "-n", str(steps), "-d", str(n)]
+        if kv is not None:
+            cmd += ["-ctk", kv, "-ctv", kv]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True).stdout
+            rate = float(json.loads(out)[0]["avg_ts"])
+        except (subprocess.SubprocessError, ValueError, KeyError, IndexError) as exc:
+            notes.append(f"fa {fa}: {str(exc).splitlines()[0][:60]}")
+            continue
+        if best is None or rate > best[0]:
+            best = (rate, fa)
+    if best is None:
+        return {"error": "; ".join(notes)}
+    return {"tokens_per_s": best[0], "fa": best[1]}
 
 
 def _overhead(model, cache, ids, pos, times: list[float]) -> float:
@@ -199,6 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", nargs="+", choices=WEIGHTS, default=["dense"],
                         help="swattn's linear layers: dense (the dtype's), q8, q4")
     parser.add_argument("--batch", type=int, nargs="+", default=[1], help="sequences decoding together (swattn)")
+    parser.add_argument("--kv-dtype", choices=["fp32", "bf16", "fp16", "int8"],
+                        help="swattn's cache storage in decode rows (default: the model's dtype); llama.cpp gets "
+                             "the same (int8: its q8_0), or its default f16 when not given")
+    parser.add_argument("--llama-bench", help="llama.cpp's llama-bench binary: adds its column (see the README)")
+    parser.add_argument("--gguf", nargs="+", default=[], metavar="FORMAT=PATH",
+                        help="the benchmark model as GGUF for llama.cpp, per format: fp32=, bf16=, q8= (Q8_0), q4= (Q4_0)")
     parser.add_argument("--shape", choices=["2layer", "2b"], default="2layer",
                         help="2b: all 26 layers and the 256k vocabulary (decode only; a 5 GB checkpoint)")
     parser.add_argument("--repeat", type=int, default=1, help="timed prefill runs (median)")
@@ -216,6 +259,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.n, args.contexts, args.dtype = [4096], [2048], ["fp32"]
     shape = SHAPE if args.shape == "2layer" else SHAPE_2B
+    ggufs = {}
+    for item in args.gguf:
+        fmt, _, file = item.partition("=")
+        if fmt not in ("fp32", "bf16", "q8", "q4") or not os.path.isfile(file):
+            parser.error(f"--gguf {item}: give FORMAT=PATH with FORMAT fp32, bf16, q8 or q4 and an existing file")
+        ggufs[fmt] = file
+    if ggufs and not (args.llama_bench and os.path.isfile(args.llama_bench)):
+        parser.error("--gguf needs --llama-bench PATH (llama.cpp's llama-bench binary)")
     if args.shape == "2b":
         args.n, args.impl = [], [i for i in args.impl if i == "swattn"]  # decode only: the 2b shape's bound
     path = _checkpoint(args.dir, args.shape)
@@ -251,19 +302,26 @@ def main(argv: list[str] | None = None) -> int:
                     ours = ours or (r["seconds"] if impl == "swattn" else None)
                     row += (f" {impl}: {r['seconds']:.2f} s {gf:.0f} GFLOP/s ({100 * gf / rates[dtype]:.0f}%) "
                             f"{fmt_bytes(r['peak'])}{ratio} |")
+                gguf = ggufs.get(_llama_format(dtype, weights))
+                if gguf and ours:
+                    r = llama_bench(args.llama_bench, gguf, "prefill", n, 0, LLAMA_KV[args.kv_dtype], args.timeout)
+                    row += (f" llama.cpp {_llama_format(dtype, weights)}: {r['error']} |" if "error" in r else
+                            f" llama.cpp {_llama_format(dtype, weights)}: {n / r['tokens_per_s']:.2f} s "
+                            f"(fa {r['fa']}; swattn {n / r['tokens_per_s'] / ours:.2f}x) |")
                 print(row, flush=True)
             for context in args.contexts:
                 for batch in args.batch:
                     row, ours = f"decode @{context:>6} {tag} x{batch} |", None
-                    step_bytes = decode_bytes(shape, dtype, weights, context)
-                    step_bytes += (batch - 1) * (step_bytes - decode_bytes(shape, dtype, weights, -1))
+                    kv_bytes = {None: None, "fp32": 4, "bf16": 2, "fp16": 2, "int8": 1 + 4 / shape["head_dim"]}[args.kv_dtype]
+                    step_bytes = decode_bytes(shape, dtype, weights, context, kv_bytes)
+                    step_bytes += (batch - 1) * (step_bytes - decode_bytes(shape, dtype, weights, -1, kv_bytes))
                     bound = batch * bandwidth * 1e9 / step_bytes
                     for impl in impls:
                         if impl == "flex_attention" or (impl != "swattn" and batch > 1):
                             continue  # flex recompiles per length in decode; peers run one sequence here
                         r = run_cell_in_subprocess(os.path.abspath(__file__), dict(
                             impl=impl, task="decode", n=context, dtype=dtype, weights=weights, path=path,
-                            steps=args.steps, chunk=args.chunk, batch=batch), args.timeout)
+                            steps=args.steps, chunk=args.chunk, batch=batch, kv_dtype=args.kv_dtype), args.timeout)
                         if "tokens_per_s" not in r:
                             row += f" {impl}: {r['error']} |"
                             continue
@@ -273,6 +331,15 @@ def main(argv: list[str] | None = None) -> int:
                         extra = (f", {100 * rate / bound:.0f}% of bound, overhead {1e3 * r['overhead']:.2f} ms/step"
                                  if impl == "swattn" else "")
                         row += f" {impl}: {rate:.1f} tokens/s{ratio}{extra} |"
+                    gguf = ggufs.get(_llama_format(dtype, weights))
+                    if gguf and ours and batch == 1:
+                        r = llama_bench(args.llama_bench, gguf, "decode", context, 64, LLAMA_KV[args.kv_dtype],
+                                        args.timeout)
+                        fmt = _llama_format(dtype, weights)
+                        row += (f" llama.cpp {fmt}: {r['error']} |" if "error" in r else
+                                f" llama.cpp {fmt}: {r['tokens_per_s']:.1f} tokens/s (fa {r['fa']}, "
+                                f"{100 * r['tokens_per_s'] / bound:.0f}% of bound; swattn "
+                                f"{ours / r['tokens_per_s']:.2f}x) |")
                     print(row + f" bound {bound:.0f} tokens/s ({fmt_bytes(step_bytes)} per step)", flush=True)
     return 0
 

@@ -25,6 +25,8 @@ from swattn.ops.api import sliding_window_attention
 from swattn.ops.validate import check_window
 
 INITIAL_CAPACITY = 256  # a growable FullCache starts here and doubles
+# what keys and values may be stored as (kv_dtype); int8 with a float scale per token and head
+KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
 
 
 def _decode_kernel(q: torch.Tensor) -> bool:
@@ -56,12 +58,22 @@ class _LayerCache:
     slot_pos: torch.Tensor  # (batch, slots) int64: position held by each slot, -1 = empty
     last_pos: torch.Tensor  # (batch,) int64: last position stored per row, -1 = none
 
-    def _init_buffers(self, batch: int, heads_kv: int, head_dim: int, slots: int, dtype, device) -> None:
+    def _init_buffers(self, batch: int, heads_kv: int, head_dim: int, slots: int, dtype, device,
+                      kv_dtype=None) -> None:
         for name, value in (("batch", batch), ("heads_kv", heads_kv), ("head_dim", head_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        self.k = torch.zeros(batch, heads_kv, slots, head_dim, dtype=dtype, device=device)
+        stored = dtype if kv_dtype is None else kv_dtype
+        if stored not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {', '.join(str(d) for d in KV_DTYPES)}, got {stored!r}")
+        self.dtype = dtype  # what attend takes and gives; the buffers hold `stored`
+        self.k = torch.zeros(batch, heads_kv, slots, head_dim, dtype=stored, device=device)
         self.v = torch.zeros_like(self.k)
+        # int8: one float scale per token and head (max|x| / 127)
+        self.k_scale = self.v_scale = None
+        if stored == torch.int8:
+            self.k_scale = torch.zeros(batch, heads_kv, slots, dtype=torch.float32, device=device)
+            self.v_scale = torch.zeros_like(self.k_scale)
         self.slot_pos = torch.full((batch, slots), -1, dtype=torch.int64, device=device)
         self.last_pos = torch.full((batch,), -1, dtype=torch.int64, device=device)
         # Host-side bookkeeping: every row holds exactly positions 0 .. dense - 1 (None: not
@@ -72,7 +84,30 @@ class _LayerCache:
     @property
     def nbytes(self) -> int:
         """Bytes held by the cache's buffers."""
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.slot_pos, self.last_pos))
+        return sum(t.numel() * t.element_size() for t in self._buffers())
+
+    def _buffers(self) -> tuple[torch.Tensor, ...]:
+        """k, v, slot_pos, last_pos (and the int8 scales)."""
+        scales = () if self.k_scale is None else (self.k_scale, self.v_scale)
+        return (self.k, self.v, self.slot_pos, self.last_pos, *scales)
+
+    def _put(self, index: tuple, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Writes keys and values (compute dtype) at ``index`` of the buffers' first three dimensions."""
+        if self.k_scale is None:
+            self.k[index], self.v[index] = k.to(self.k.dtype), v.to(self.v.dtype)  # advanced indexing does not cast
+            return
+        for buf, scale, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            s = x.float().abs().amax(-1) / 127
+            buf[index] = torch.round(x.float() / torch.where(s > 0, s, 1.0).unsqueeze(-1)).to(torch.int8)
+            scale[index] = s
+
+    def _stored(self, which: str, stop: int | None = None) -> torch.Tensor:
+        """The stored keys (``which="k"``) or values up to slot ``stop``, in the compute dtype."""
+        buf = (self.k if which == "k" else self.v)[:, :, :stop]
+        if self.k_scale is not None:
+            scale = (self.k_scale if which == "k" else self.v_scale)[:, :, :stop]
+            return (buf.float() * scale.unsqueeze(-1)).to(self.dtype)
+        return buf if buf.dtype == self.dtype else buf.to(self.dtype)
 
     @property
     def nbytes_used(self) -> int:
@@ -101,8 +136,8 @@ class _LayerCache:
                     f"{name} has shape {tuple(t.shape)} but this cache holds batch {batch}, heads_kv {heads_kv}, "
                     f"head_dim {head_dim}"
                 )
-            if t.dtype != self.k.dtype or t.device != self.k.device:
-                raise TypeError(f"{name} is {t.dtype} on {t.device}; the cache is {self.k.dtype} on {self.k.device}")
+            if t.dtype != self.dtype or t.device != self.k.device:
+                raise TypeError(f"{name} is {t.dtype} on {t.device}; the cache is {self.dtype} on {self.k.device}")
         if k.shape != v.shape:
             raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
         chunk = k.shape[2]
@@ -139,8 +174,7 @@ class _LayerCache:
         """Writes the kept tokens of a chunk into their slots (distinct per row by construction)."""
         b_idx, t_idx = keep.nonzero(as_tuple=True)
         slot = slots[b_idx, t_idx]
-        self.k[b_idx, :, slot] = k[b_idx, :, t_idx]
-        self.v[b_idx, :, slot] = v[b_idx, :, t_idx]
+        self._put((b_idx, slice(None), slot), k[b_idx, :, t_idx], v[b_idx, :, t_idx])
         self.slot_pos[b_idx, slot] = pos[b_idx, t_idx]
         self.last_pos.copy_(torch.maximum(self.last_pos, pos.amax(dim=1)))  # in place: row views share it
 
@@ -196,7 +230,7 @@ class _LayerCache:
         window = -1 if self.window is None else self.window
         try:
             out = torch.ops.swattn.decode_attention(
-                q.contiguous(), k.contiguous(), v.contiguous(), self.k, self.v, None, None, self.slot_pos,
+                q.contiguous(), k.contiguous(), v.contiguous(), self.k, self.v, self.k_scale, self.v_scale, self.slot_pos,
                 self.last_pos, pos, window, isinstance(self, RingCache), getattr(self, "_used", 0),
                 0.0 if softcap is None else float(softcap), q.shape[-1] ** -0.5 if scale is None else float(scale))
         except RuntimeError as exc:
@@ -218,6 +252,8 @@ class _LayerCache:
         view = object.__new__(type(self))
         view.__dict__.update(self.__dict__)
         view.k, view.v = self.k[start:stop], self.v[start:stop]
+        if self.k_scale is not None:
+            view.k_scale, view.v_scale = self.k_scale[start:stop], self.v_scale[start:stop]
         view.slot_pos, view.last_pos = self.slot_pos[start:stop], self.last_pos[start:stop]
         self.dense = None
         view.dense = None
@@ -235,26 +271,24 @@ class _LayerCache:
 
     def save(self) -> CacheState:
         """Gives a copy of the cache's state (cheap for a ring: window tokens)."""
-        return CacheState(type(self).__name__, tuple(t.clone() for t in (self.k, self.v, self.slot_pos, self.last_pos)),
-                          self.dense)
+        return CacheState(type(self).__name__, tuple(t.clone() for t in self._buffers()), self.dense)
 
     def restore(self, state: CacheState) -> None:
         """Puts the cache back to a saved state of the same kind and shape."""
         if not isinstance(state, CacheState) or state.kind != type(self).__name__:
             raise ValueError(f"cannot restore a {getattr(state, 'kind', type(state).__name__)} state into a {type(self).__name__}")
-        k, v, slot_pos, last_pos = state.tensors
-        if k.shape[:2] != self.k.shape[:2] or k.shape[3] != self.k.shape[3] or k.dtype != self.k.dtype:
+        k = state.tensors[0]
+        if (k.shape[:2] != self.k.shape[:2] or k.shape[3] != self.k.shape[3] or k.dtype != self.k.dtype
+                or len(state.tensors) != len(self._buffers())):
             raise ValueError(f"cannot restore a state of shape {tuple(k.shape)} into a cache of shape {tuple(self.k.shape)}")
         if isinstance(self, RingCache) and k.shape[2] != self.k.shape[2]:
             raise ValueError(f"cannot restore a ring of {k.shape[2]} slots into a ring of {self.k.shape[2]}")
-        self._restore_buffers(k, v, slot_pos, last_pos)
+        self._restore_buffers(state.tensors)
         self.dense = state.dense
 
-    def _restore_buffers(self, k, v, slot_pos, last_pos) -> None:
-        self.k.copy_(k)
-        self.v.copy_(v)
-        self.slot_pos.copy_(slot_pos)
-        self.last_pos.copy_(last_pos)
+    def _restore_buffers(self, tensors: tuple[torch.Tensor, ...]) -> None:
+        for buf, saved in zip(self._buffers(), tensors):
+            buf.copy_(saved)
 
 
 class RingCache(_LayerCache):
@@ -269,12 +303,13 @@ class RingCache(_LayerCache):
     ALIGNED_DECODE = False  # its decode step writes one slot in place: no copy into time order
 
     def __init__(self, batch: int, heads_kv: int, head_dim: int, window: int, *,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 kv_dtype: torch.dtype | None = None):
         window = check_window(window)
         if window is None:
             raise ValueError("a RingCache needs a window; use FullCache for a global layer")
         self.window = window
-        self._init_buffers(batch, heads_kv, head_dim, window, dtype, device)
+        self._init_buffers(batch, heads_kv, head_dim, window, dtype, device, kv_dtype)
 
     def update(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, aligned: bool = False):
         """Stores a chunk; gives what it attends over: ``(keys, values, key_positions)``.
@@ -287,9 +322,9 @@ class RingCache(_LayerCache):
         pos = self._check(k, v, pos, aligned)
         if k.shape[2] == 1:
             self._store_one(k, v, pos[:, 0])
-            return self.k, self.v, self.slot_pos
-        keys = torch.cat([self.k, k], dim=2)
-        values = torch.cat([self.v, v], dim=2)
+            return self._stored("k"), self._stored("v"), self.slot_pos
+        keys = torch.cat([self._stored("k"), k], dim=2)
+        values = torch.cat([self._stored("v"), v], dim=2)
         key_pos = torch.cat([self.slot_pos, pos], dim=1)
         keep = (pos >= 0) & (pos > pos.amax(dim=1, keepdim=True) - self.window)
         self._store(k, v, pos, keep, pos % self.window)
@@ -301,17 +336,17 @@ class RingCache(_LayerCache):
         ``dense - window .. dense - 1`` (or slots ``0 .. dense - 1`` before it has filled)."""
         start, window, chunk = self.dense, self.window, k.shape[2]
         if start <= window:
-            older_k, older_v = self.k[:, :, :start], self.v[:, :, :start]
+            older_k, older_v = self._stored("k", start), self._stored("v", start)
         else:
             r = start % window
-            older_k = torch.cat([self.k[:, :, r:], self.k[:, :, :r]], dim=2)
-            older_v = torch.cat([self.v[:, :, r:], self.v[:, :, :r]], dim=2)
+            ring_k, ring_v = self._stored("k"), self._stored("v")
+            older_k = torch.cat([ring_k[:, :, r:], ring_k[:, :, :r]], dim=2)
+            older_v = torch.cat([ring_v[:, :, r:], ring_v[:, :, :r]], dim=2)
         keys, values = torch.cat([older_k, k], dim=2), torch.cat([older_v, v], dim=2)
         kept = min(chunk, window)  # the chunk's last `window` tokens stay, at slot p % window
         first = start + chunk - kept
         slots = torch.arange(first, first + kept, device=self.k.device) % window
-        self.k[:, :, slots] = k[:, :, chunk - kept:]
-        self.v[:, :, slots] = v[:, :, chunk - kept:]
+        self._put((slice(None), slice(None), slots), k[:, :, chunk - kept:], v[:, :, chunk - kept:])
         self.slot_pos[:, slots] = pos[:, chunk - kept:]
         self.last_pos.fill_(start + chunk - 1)
         return keys, values
@@ -327,8 +362,9 @@ class RingCache(_LayerCache):
         rows = torch.arange(batch, device=pos.device)
         slot = pos.clamp_min(0) % self.window
         keep_old = ~valid.view(batch, 1, 1)
-        self.k[rows, :, slot] = torch.where(keep_old, self.k[rows, :, slot], k[:, :, 0])
-        self.v[rows, :, slot] = torch.where(keep_old, self.v[rows, :, slot], v[:, :, 0])
+        index = (rows, slice(None), slot)
+        old_k, old_v = self._stored("k")[index], self._stored("v")[index]
+        self._put(index, torch.where(keep_old, old_k, k[:, :, 0]), torch.where(keep_old, old_v, v[:, :, 0]))
         self.slot_pos[rows, slot] = torch.where(valid, pos, self.slot_pos[rows, slot])
         self.last_pos.copy_(torch.where(valid, pos, self.last_pos))
 
@@ -346,12 +382,13 @@ class FullCache(_LayerCache):
     """
 
     def __init__(self, batch: int, heads_kv: int, head_dim: int, capacity: int | None = None, *,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", window: int | None = None):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", window: int | None = None,
+                 kv_dtype: torch.dtype | None = None):
         self.window = check_window(window)  # a local layer's window over every token kept (for comparisons)
         if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
             raise ValueError(f"capacity must be an int >= 1 or None, got {capacity!r}")
         self.capacity = capacity
-        self._init_buffers(batch, heads_kv, head_dim, capacity or INITIAL_CAPACITY, dtype, device)
+        self._init_buffers(batch, heads_kv, head_dim, capacity or INITIAL_CAPACITY, dtype, device, kv_dtype)
         self._used = 0  # 1 + the largest position stored in any row
 
     def _reserve(self, needed: int) -> None:
@@ -365,9 +402,10 @@ class FullCache(_LayerCache):
             )
         while slots < needed:
             slots *= 2
-        grown = [torch.cat([t, t.new_full((*t.shape[:2], slots - t.shape[2], *t.shape[3:]), fill)], dim=2)
-                 for t, fill in ((self.k, 0), (self.v, 0))]
-        self.k, self.v = grown
+        grow = lambda t: torch.cat([t, t.new_zeros((*t.shape[:2], slots - t.shape[2], *t.shape[3:]))], dim=2)  # noqa: E731
+        self.k, self.v = grow(self.k), grow(self.v)
+        if self.k_scale is not None:
+            self.k_scale, self.v_scale = grow(self.k_scale), grow(self.v_scale)
         pad = self.slot_pos.new_full((self.slot_pos.shape[0], slots - self.slot_pos.shape[1]), -1)
         self.slot_pos = torch.cat([self.slot_pos, pad], dim=1)
 
@@ -379,12 +417,12 @@ class FullCache(_LayerCache):
             self._reserve(needed)
             self._write_aligned(k, v, pos)
             self._used = max(self._used, needed)
-            return self.k[:, :, : self._used], self.v[:, :, : self._used], self.slot_pos[:, : self._used]
+            return self._stored("k", self._used), self._stored("v", self._used), self.slot_pos[:, : self._used]
         needed = int(pos.max()) + 1  # one host sync: the capacity check needs the value
         self._reserve(needed)
         self._store(k, v, pos, pos >= 0, pos.clamp_min(0))
         self._used = max(self._used, needed)
-        return self.k[:, :, : self._used], self.v[:, :, : self._used], self.slot_pos[:, : self._used]
+        return self._stored("k", self._used), self._stored("v", self._used), self.slot_pos[:, : self._used]
 
     def rows(self, start: int, stop: int) -> FullCache:
         if self.capacity is None:
@@ -399,8 +437,7 @@ class FullCache(_LayerCache):
 
     def _write_aligned(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
         start, chunk = self.dense, k.shape[2]
-        self.k[:, :, start : start + chunk] = k
-        self.v[:, :, start : start + chunk] = v
+        self._put((slice(None), slice(None), slice(start, start + chunk)), k, v)
         self.slot_pos[:, start : start + chunk] = pos
         self.last_pos.fill_(start + chunk - 1)
 
@@ -410,32 +447,33 @@ class FullCache(_LayerCache):
         self._reserve(needed)
         self._write_aligned(k, v, pos)
         self._used = max(self._used, needed)
-        return self.k[:, :, :needed], self.v[:, :, :needed]
+        return self._stored("k", needed), self._stored("v", needed)
 
     @property
     def nbytes_used(self) -> int:
         """Bytes of the positions stored so far (the buffer may be preallocated beyond them)."""
-        per_slot = (self.k[:, :, :1].numel() * self.k.element_size() * 2 + self.slot_pos.shape[0] * 8)
+        scales = 0 if self.k_scale is None else self.k_scale[:, :, :1].numel() * 4 * 2
+        per_slot = (self.k[:, :, :1].numel() * self.k.element_size() * 2 + scales + self.slot_pos.shape[0] * 8)
         return per_slot * self._used
 
-    def _restore_buffers(self, k, v, slot_pos, last_pos) -> None:
-        if k.shape[2] > self.k.shape[2]:
-            self._reserve(k.shape[2])
-        n = k.shape[2]
-        self.k[:, :, :n].copy_(k)
-        self.v[:, :, :n].copy_(v)
-        self.slot_pos[:, :n].copy_(slot_pos)
-        self.k[:, :, n:].zero_()
-        self.v[:, :, n:].zero_()
-        self.slot_pos[:, n:] = -1
-        self.last_pos.copy_(last_pos)
-        self._used = int(last_pos.max()) + 1
+    def _restore_buffers(self, tensors: tuple[torch.Tensor, ...]) -> None:
+        n = tensors[0].shape[2]
+        if n > self.k.shape[2]:
+            self._reserve(n)
+        for buf, saved in zip(self._buffers(), tensors):
+            if buf is self.last_pos:
+                buf.copy_(saved)
+                continue
+            buf[:, :n].copy_(saved) if buf is self.slot_pos else buf[:, :, :n].copy_(saved)
+            (buf[:, n:] if buf is self.slot_pos else buf[:, :, n:]).fill_(-1 if buf is self.slot_pos else 0)
+        self._used = int(self.last_pos.max()) + 1
 
     def save(self) -> CacheState:
         """Gives a copy of the stored part of the cache."""
         n = self._used
-        return CacheState("FullCache", (self.k[:, :, :n].clone(), self.v[:, :, :n].clone(),
-                                        self.slot_pos[:, :n].clone(), self.last_pos.clone()), self.dense)
+        parts = tuple(t.clone() if t is self.last_pos else (t[:, :n] if t is self.slot_pos else t[:, :, :n]).clone()
+                      for t in self._buffers())
+        return CacheState("FullCache", parts, self.dense)
 
 
 class ModelCache:
@@ -451,10 +489,11 @@ class ModelCache:
 
     def __init__(self, windows: Sequence[int | None], batch: int, heads_kv: int, head_dim: int, *,
                  capacity: int | None = None, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", rings: bool = True):
+                 device: torch.device | str = "cpu", rings: bool = True, kv_dtype: torch.dtype | None = None):
         self.layers: list[_LayerCache] = [
-            RingCache(batch, heads_kv, head_dim, w, dtype=dtype, device=device) if w is not None and rings
-            else FullCache(batch, heads_kv, head_dim, capacity, dtype=dtype, device=device, window=w)
+            RingCache(batch, heads_kv, head_dim, w, dtype=dtype, device=device, kv_dtype=kv_dtype)
+            if w is not None and rings
+            else FullCache(batch, heads_kv, head_dim, capacity, dtype=dtype, device=device, window=w, kv_dtype=kv_dtype)
             for w in windows
         ]
 

@@ -230,7 +230,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise UserError(f"--ctx-size must be >= 2, got {ctx}")
     key = args.api_key or os.environ.get("SWATTN_API_KEY") or None
     return serve(ServeArgs(model=args.model, host=args.host, port=args.port, parallel=args.parallel, ctx_size=ctx,
-                           dtype=args.dtype, weights=args.weights, head=args.head, api_key=key, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
+                           dtype=args.dtype, weights=args.weights, head=args.head, kv_dtype=args.kv_dtype, api_key=key, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
                            itl_factor=args.itl_factor,
                            prefix_cache_mb=args.prefix_cache_mb, snapshot_every=args.snapshot_every, name=args.name))
 
@@ -266,7 +266,7 @@ def _load_model(path: str | None, dtype: str | None, command: str, args: argpars
     elif not Path(path).is_dir():
         raise UserError(f"--model {path}: no such directory")
     weights, head = getattr(args, "weights", None), getattr(args, "head", None)
-    model = load(path, dtype=dtype, weights=weights, head=head)
+    model = load(path, dtype=dtype, weights=weights, head=head, kv_dtype=getattr(args, "kv_dtype", None))
     if model.dense_layers and weights:
         print(f"swattn {command}: kept dense (in_features not a multiple of 64): {', '.join(model.dense_layers[:4])}"
               + (" ..." if len(model.dense_layers) > 4 else ""), file=sys.stderr)
@@ -405,6 +405,9 @@ def _add_weights_options(parser: argparse.ArgumentParser) -> None:
                              "default: as stored")
     parser.add_argument("--head", choices=quantize.HEADS,
                         help="with --weights: the output head's (and tied embedding's) format (default q8)")
+    parser.add_argument("--kv-dtype", choices=list(dtypes.KV),
+                        help="what the caches store keys and values as: bf16, fp16, int8 (a scale per token and "
+                             "head: half of bf16's memory) or fp32; default: the model's dtype")
 
 
 def main(argv: list[str] | None = None) -> int:

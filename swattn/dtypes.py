@@ -3,6 +3,8 @@
 - ``MODEL``: what models load and run in (``swattn.load``, ``--dtype``).
 - ``KERNEL``: what the CPU attention kernel takes (float16 works; CPUs have no fast float16 arithmetic).
 - ``ATTENTION``: what the op accepts at all (float64: the oracle's precision, on the blocked path).
+- ``KV``: what caches may store keys and values as (``kv_dtype``, ``--kv-dtype``); int8 with a
+  float scale per token and head.
 """
 
 from __future__ import annotations
@@ -43,3 +45,15 @@ def checkpoint_dtype(config: dict) -> torch.dtype:
 
 # the benchmarks' short names for the model dtypes
 SHORT: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+KV: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
+
+
+def kv_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    """A cache storage dtype from a dtype or its name (fp32, bf16, fp16, int8, or torch's names); None stays None."""
+    if value is None:
+        return None
+    dtype = KV.get(value, NAMES.get(value)) if isinstance(value, str) else value
+    if dtype not in KV.values():
+        raise ValueError(f"kv_dtype must be one of {', '.join(KV)}, got {value!r}")
+    return dtype

@@ -94,3 +94,38 @@ def test_row_ops_match_the_formulas(plus_one, dtype):
     with torch.enable_grad():
         want = apply_rotary(qv.requires_grad_(), cos, sin).detach()
     torch.testing.assert_close(got, want, atol=TOL[dtype] * 4, rtol=TOL[dtype])
+
+
+KV_TOL = {torch.float32: 2e-5, torch.bfloat16: 1.5e-2, torch.float16: 2e-3, torch.int8: 3e-2}
+
+
+@pytest.mark.parametrize("kv_dtype", list(KV_TOL), ids=str)
+@pytest.mark.parametrize("kind", ["ring", "full"])
+def test_caches_in_every_kv_dtype_against_the_fp32_oracle(kv_dtype, kind):
+    """Chunked prefill then decode steps, keys and values stored as kv_dtype; outputs in fp32."""
+    window, dim = 6, 32
+    make = lambda: RingCache(2, 2, dim, window, kv_dtype=kv_dtype) if kind == "ring" else \
+        FullCache(2, 2, dim, kv_dtype=kv_dtype)  # noqa: E731
+    cache = make()
+    g = torch.Generator().manual_seed(5)
+    n = 25
+    q, k, v = torch.randn(2, 4, n, dim, generator=g), torch.randn(2, 2, n, dim, generator=g), torch.randn(2, 2, n, dim, generator=g)
+    pos = torch.arange(n).expand(2, -1)
+    outs, start = [], 0
+    for size in (4, 9, 1, 1, 5, 1, 1, 1, 1, 1):  # prefill chunks and decode steps
+        s = slice(start, start + size)
+        outs.append(cache.attend(q[:, :, s], k[:, :, s], v[:, :, s], pos[:, s], softcap=10.0))
+        start += size
+    got = torch.cat(outs, dim=2)
+    want = reference_attention(q, k, v, window if kind == "ring" else None, softcap=10.0, q_pos=pos, k_pos=pos)
+    torch.testing.assert_close(got, want.float(), atol=KV_TOL[kv_dtype], rtol=KV_TOL[kv_dtype])
+    assert cache.k.dtype == kv_dtype and got.dtype == torch.float32
+    if kv_dtype == torch.int8:  # half of bf16's bytes per stored value (plus a scale per token and head)
+        assert cache.k.element_size() == 1 and cache.k_scale.shape == cache.k.shape[:3]
+    # save / restore carries every buffer (the int8 scales included): both continue alike
+    fresh = make()
+    fresh.restore(cache.save())
+    x = torch.randn(2, 4, 1, dim, generator=g)
+    step = torch.full((2, 1), n)
+    kx, vx = x[:, :2], x[:, 2:]
+    assert torch.equal(fresh.attend(x, kx, vx, step), cache.attend(x, kx, vx, step))

@@ -252,12 +252,14 @@ def _text_ids(model, tokens: int) -> torch.Tensor:
     return torch.tensor([ids])
 
 
-@pytest.mark.parametrize("weights,head,max_kl,min_top1", [("q8", "q8", 0.002, 0.99), ("q4", "q8", 0.05, 0.92)])
-def test_accuracy_against_fp32(weights, head, max_kl, min_top1):
+@pytest.mark.parametrize("weights,head,kv,max_kl,min_top1", [
+    ("q8", "q8", None, 0.002, 0.99), ("q4", "q8", None, 0.05, 0.92), (None, None, "int8", 0.002, 0.99),
+    ("q4", "q8", "int8", 0.05, 0.92)], ids=["q8", "q4", "int8-kv", "q4+int8-kv"])
+def test_accuracy_against_fp32(weights, head, kv, max_kl, min_top1):
     """The issue's targets over 2048 tokens of real Python (what the built-in model learned), fp32 activations,
-    next-token distributions of a decode-sized path (rows of 16 through the kernels) and of prefill."""
+    through the caches 16 positions at a time (the few-row kernels; the caches in their dtype)."""
     base = swattn.load(dtype="float32")
-    model = swattn.load(dtype="float32", weights=weights, head=head)
+    model = swattn.load(dtype="float32", weights=weights, head=head, kv_dtype=kv)
     ids = _text_ids(base, 2048)
     with torch.inference_mode():
         ref = base(ids).float().log_softmax(-1)[0]

@@ -46,7 +46,7 @@ def _shards(path: Path) -> dict[str, Path]:
 
 
 def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None, weights: str | None = None,
-         head: str | None = None, fuse: bool = True) -> CausalLM:
+         head: str | None = None, fuse: bool = True, kv_dtype: torch.dtype | str | None = None) -> CausalLM:
     """Loads a Gemma 2, Gemma 3 (text, or the text model of a multimodal one) or Mistral checkpoint directory.
 
     Args:
@@ -60,6 +60,8 @@ def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None,
         head: the output head's (and tied embedding's) format under quantized weights:
             ``"q8"`` (default), ``"q4"`` or ``"dense"``.
         fuse: merge quantized q/k/v and gate/up projections into one product each.
+        kv_dtype: what the model's caches store keys and values as by default: ``"bf16"``,
+            ``"fp16"``, ``"int8"`` (a scale per token and head) or ``"fp32"``; None: its dtype.
 
     Returns:
         The model in eval mode, ready for inference: no parameter requires a gradient, so a
@@ -97,6 +99,7 @@ def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None,
                              "as it is (no --weights) or quantize the dense checkpoint instead")
         weights, head = stored.get("weights"), stored.get("head")
     weights, head = quantize.check(weights, head)
+    kv_dtype = dtypes.kv_dtype(kv_dtype)
     with torch.device("meta"):
         model = CausalLM(cfg).to(dtype)
         dense_layers = quantize.restructure(model, weights, head) if weights else []
@@ -149,6 +152,7 @@ def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None,
     if weights and fuse:
         quantize.fuse_projections(model)
     model.dense_layers = dense_layers
+    model.kv_dtype = kv_dtype
     model.path = path
     model.skipped_tensors = skipped
     model.tokenizer = _tokenizer(path)

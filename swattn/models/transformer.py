@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from swattn import dtypes
 from swattn.cache import ModelCache
 from swattn.models.config import ModelConfig, Rope
 from swattn.models.layers import Linear, QuantEmbedding, QuantLinear
@@ -230,6 +231,7 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma_norms)
         self.lm_head = None if cfg.tie_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
         self.weights = None  # "q8" / "q4" once quantized (swattn.models.quantize)
+        self.kv_dtype = None  # caches' storage dtype by default (None: the model's dtype)
 
     def set_local_window(self, window: int | None) -> None:
         """Replaces every local layer's window by ``window`` (global layers stay global).
@@ -246,13 +248,17 @@ class CausalLM(nn.Module):
         for layer, w in zip(self.layers, windows):
             layer.self_attn.window, layer.self_attn.cfg = w, self.cfg
 
-    def new_cache(self, batch: int, capacity: int | None = None, rings: bool = True) -> ModelCache:
+    def new_cache(self, batch: int, capacity: int | None = None, rings: bool = True,
+                  kv_dtype: torch.dtype | str | None = None) -> ModelCache:
         """Gives empty caches for this model: a ring per local layer, a full cache per global one.
 
         ``rings=False`` keeps every token in the local layers too (for comparisons).
+        ``kv_dtype``: what keys and values are stored as (fp32, bf16, fp16, int8; default the
+        model's ``kv_dtype`` attribute, set by ``swattn.load(kv_dtype=)``, else its dtype).
         """
+        kv = dtypes.kv_dtype(kv_dtype if kv_dtype is not None else self.kv_dtype)
         return ModelCache(self.cfg.windows, batch, self.cfg.num_kv_heads, self.cfg.head_dim, capacity=capacity,
-                          dtype=self.dtype, device=self.device, rings=rings)
+                          dtype=self.dtype, device=self.device, rings=rings, kv_dtype=kv)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -23,6 +23,7 @@ class ServeArgs:
     dtype: str | None = None
     weights: str | None = None
     head: str | None = None
+    kv_dtype: str | None = None
     api_key: str | None = None
     max_queue: int = 64
     prefill_chunk: int = 512
@@ -41,7 +42,7 @@ def _load(state: ServerState, args: ServeArgs, log) -> None:
         from swattn.profiling import fmt_bytes
         from swattn.serve.engine import Engine
 
-        model = load(args.model, dtype=args.dtype, weights=args.weights, head=args.head)
+        model = load(args.model, dtype=args.dtype, weights=args.weights, head=args.head, kv_dtype=args.kv_dtype)
         cpu.available()  # build the CPU kernel before the first request waits for it
         engine = Engine(model, parallel=args.parallel, ctx_size=args.ctx_size, prefill_chunk=args.prefill_chunk,
                         itl_factor=args.itl_factor, max_queue=args.max_queue,
@@ -50,7 +51,8 @@ def _load(state: ServerState, args: ServeArgs, log) -> None:
         engine.start()
         state.engine = engine
         log(f"ready: {state.model_name} ({dtypes.name(model.dtype)}"
-            + (f", {model.weights} weights" if model.weights else "") + "), "
+            + (f", {model.weights} weights" if model.weights else "")
+            + (f", {dtypes.name(model.kv_dtype)} KV" if model.kv_dtype is not None else "") + "), "
             f"{args.parallel} slots x {args.ctx_size:,} positions, KV caches {fmt_bytes(engine.cache.nbytes)} "
             f"allocated, prefix cache up to {args.prefix_cache_mb} MB"
             + ("" if state.template else "; no chat template: /v1/chat/completions is off"))
