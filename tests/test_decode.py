@@ -29,12 +29,23 @@ def _decode_run(cache, steps, heads, heads_kv, dim, dtype, softcap, pad_row=Fals
     return torch.cat(outs, dim=2), q, k, v, pos
 
 
-@pytest.mark.parametrize("heads,heads_kv", [(4, 4), (4, 2), (8, 1)], ids=["MHA", "GQA", "MQA"])
+@pytest.fixture
+def native_decode():
+    """Sets whether bf16 caches use the CPU's bf16 dot products (head_dim a multiple of 32); restores it after."""
+    before = torch.ops.swattn.native_decode(-1)
+    yield lambda on: torch.ops.swattn.native_decode(int(on))
+    torch.ops.swattn.native_decode(int(before))
+
+
+@pytest.mark.parametrize("heads,heads_kv", [(4, 4), (4, 2), (6, 2), (8, 1)], ids=["MHA", "GQA", "GQA3", "MQA"])
 @pytest.mark.parametrize("kind,window", [("ring", 1), ("ring", 5), ("ring", 64), ("full", None), ("full", 5)])
 @pytest.mark.parametrize("softcap", [None, 3.0])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_step_matches_the_oracle(heads, heads_kv, kind, window, softcap, dtype):
-    dim, steps, batch = 40, 23, 3
+@pytest.mark.parametrize("dtype,dim,bf16_dot", [(torch.float32, 40, False), (torch.bfloat16, 40, False),
+                                                (torch.bfloat16, 64, False), (torch.bfloat16, 64, True)],
+                         ids=["fp32", "bf16-d40", "bf16-d64-fp32dot", "bf16-d64-bf16dot"])
+def test_decode_step_matches_the_oracle(heads, heads_kv, kind, window, softcap, dtype, dim, bf16_dot, native_decode):
+    native_decode(bf16_dot)
+    steps, batch = 23, 3
     cache = RingCache(batch, heads_kv, dim, window, dtype=dtype) if kind == "ring" else \
         FullCache(batch, heads_kv, dim, window=window, dtype=dtype)
     got, q, k, v, pos = _decode_run(cache, steps, heads, heads_kv, dim, dtype, softcap, pad_row=True)
@@ -43,12 +54,14 @@ def test_decode_step_matches_the_oracle(heads, heads_kv, kind, window, softcap, 
     assert (got[-1, :, :3] == 0).all()  # the padding row's steps
 
 
+@pytest.mark.parametrize("kv", [None, torch.bfloat16], ids=["fp32-kv", "bf16-kv"])
 @pytest.mark.parametrize("kind", ["ring", "full"])
-def test_flash_decoding_splits_a_long_cache_across_threads(kind, monkeypatch):
-    """One row and one kv head: the slots are split across threads and merged by log-sum-exp."""
+def test_flash_decoding_splits_a_long_cache_across_threads(kind, kv):
+    """One row and one kv head: the slots are split across threads and merged by log-sum-exp
+    (many tiles of keys per split, so the running maximum's corrections are exercised too)."""
     torch.set_num_threads(max(2, torch.get_num_threads()))
     window = 700
-    cache = RingCache(1, 1, 32, window) if kind == "ring" else FullCache(1, 1, 32, capacity=1200)
+    cache = RingCache(1, 1, 32, window, kv_dtype=kv) if kind == "ring" else FullCache(1, 1, 32, capacity=1200, kv_dtype=kv)
     g = torch.Generator().manual_seed(1)
     n = 1100
     q = torch.randn(1, 4, n, 32, generator=g)
@@ -58,7 +71,8 @@ def test_flash_decoding_splits_a_long_cache_across_threads(kind, monkeypatch):
     got = cache.attend(q[:, :, n - 1 :], k[:, :, n - 1 :], v[:, :, n - 1 :], pos[:, n - 1 :], softcap=7.0)
     w = window if kind == "ring" else None
     want = reference_attention(q, k, v, w, softcap=7.0, q_pos=pos, k_pos=pos)[:, :, n - 1 :]
-    torch.testing.assert_close(got, want.float(), atol=2e-5, rtol=2e-5)
+    tol = 2e-5 if kv is None else 1e-2
+    torch.testing.assert_close(got, want.float(), atol=tol, rtol=tol)
 
 
 def test_decode_step_refuses_positions_that_do_not_increase_without_writing():

@@ -24,6 +24,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -38,6 +39,8 @@ namespace {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kTileKeys = 64;
 constexpr int64_t kMinSlotsPerSplit = 256;
+constexpr int64_t kAheadKeys = 6;  // key rows prefetched ahead on the bf16 path
+std::atomic<bool> g_native_decode{true};  // bf16 caches on the CPU's bf16 dot products (off: fp32, for tests)
 
 // A stored row as fp32: float rows as they are, others converted into buf (16 lanes at a time).
 template <typename T>
@@ -154,6 +157,108 @@ void partial(const Step& st, const TQ* q, const TC* ck, const TC* cv, const floa
   }
 }
 
+#if defined(__AVX512BF16__)
+// The same partial softmax for a bf16 cache, on the CPU's bf16 dot products: scores by
+// vdpbf16ps (q rounded to bf16, as the native bf16 forward does), values converted 16 lanes
+// at a time and accumulated for the G heads together. head_dim a multiple of 32.
+template <int G, typename TQ>
+void partial_bf16(const Step& st, const TQ* q, const c10::BFloat16* ck, const c10::BFloat16* cv,
+                  const int64_t* slot_pos, int64_t b, int64_t hk, int64_t p, int64_t j0, int64_t j1, float* m,
+                  float* l, float* acc) {
+  const int64_t D = st.D, nc = D / 32;
+  std::vector<__m512bh> qb(G * nc);
+  for (int g = 0; g < G; ++g) {
+    const TQ* qg = q + ((b * st.H + hk * G + g) * D);
+    for (int64_t c = 0; c < nc; ++c) {
+      if constexpr (std::is_same_v<TQ, c10::BFloat16>) {
+        qb[g * nc + c] = (__m512bh)_mm512_loadu_si512(qg + c * 32);
+      } else {
+        qb[g * nc + c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(qg + c * 32 + 16), _mm512_loadu_ps(qg + c * 32));
+      }
+    }
+    m[g] = kNegInf;
+    l[g] = 0.0f;
+  }
+  std::fill(acc, acc + G * D, 0.0f);
+  const int64_t base = (b * st.Hkv + hk) * st.S;
+  const int64_t* sp = slot_pos + b * st.S;
+  float s[G][kTileKeys];
+  int64_t keys[kTileKeys];
+  for (int64_t t0 = j0; t0 < j1; t0 += kTileKeys) {
+    const int64_t t1 = std::min(j1, t0 + kTileKeys);
+    int64_t n = 0;  // the tile's visible keys, compacted
+    for (int64_t j = t0; j < t1; ++j) {
+      const int64_t kp = sp[j];
+      if (!(kp >= 0 && kp <= p && (st.window <= 0 || p - kp < st.window))) continue;
+      const c10::BFloat16* kr = ck + (base + j) * D;
+      // keep the memory busy: the key a few rows on, and this key's value (read after the tile)
+      for (int64_t line = 0; line < D * 2; line += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(kr + kAheadKeys * D) + line, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(cv + (base + j) * D) + line, _MM_HINT_T1);
+      }
+      __m512 a[G];
+      for (int g = 0; g < G; ++g) a[g] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < nc; ++c) {
+        const __m512bh kv = (__m512bh)_mm512_loadu_si512(kr + c * 32);
+        for (int g = 0; g < G; ++g) a[g] = _mm512_dpbf16_ps(a[g], kv, qb[g * nc + c]);
+      }
+      for (int g = 0; g < G; ++g) {
+        float dot = _mm512_reduce_add_ps(a[g]) * st.scale;
+        if (st.softcap > 0.0f) dot = st.softcap * fast_tanh(dot / st.softcap);
+        s[g][n] = dot;
+      }
+      keys[n++] = j;
+    }
+    if (n == 0) continue;
+    for (int g = 0; g < G; ++g) {
+      float mx = m[g];
+      for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[g][j]);
+      const float corr = m[g] == kNegInf ? 0.0f : fast_exp(m[g] - mx);
+      float sum = 0.0f;
+      for (int64_t j = 0; j < n; ++j) {
+        s[g][j] = fast_exp(s[g][j] - mx);
+        sum += s[g][j];
+      }
+      l[g] = l[g] * corr + sum;
+      m[g] = mx;
+      float* ag = acc + g * D;
+      for (int64_t e = 0; e < D; ++e) ag[e] *= corr;
+    }
+    for (int64_t c = 0; c < D; c += 16) {  // 16 lanes of every head's output over the tile's values
+      __m512 a[G];
+      for (int g = 0; g < G; ++g) a[g] = _mm512_loadu_ps(acc + g * D + c);
+      for (int64_t j = 0; j < n; ++j) {
+        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cv + (base + keys[j]) * D + c));
+        const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        for (int g = 0; g < G; ++g) a[g] = _mm512_fmadd_ps(_mm512_set1_ps(s[g][j]), v, a[g]);
+      }
+      for (int g = 0; g < G; ++g) _mm512_storeu_ps(acc + g * D + c, a[g]);
+    }
+  }
+}
+#endif
+
+// Runs the work item on the fastest path there is for it.
+template <typename TQ, typename TC>
+void item(const Step& st, const TQ* q, const TC* ck, const TC* cv, const float* ks, const float* vs,
+          const int64_t* slot_pos, int64_t b, int64_t hk, int64_t p, int64_t j0, int64_t j1, float* m, float* l,
+          float* acc) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<TC, c10::BFloat16>) {
+    if (st.D % 32 == 0 && g_native_decode.load(std::memory_order_relaxed)) {
+      switch (st.G) {
+        case 1: return partial_bf16<1>(st, q, ck, cv, slot_pos, b, hk, p, j0, j1, m, l, acc);
+        case 2: return partial_bf16<2>(st, q, ck, cv, slot_pos, b, hk, p, j0, j1, m, l, acc);
+        case 4: return partial_bf16<4>(st, q, ck, cv, slot_pos, b, hk, p, j0, j1, m, l, acc);
+        case 8: return partial_bf16<8>(st, q, ck, cv, slot_pos, b, hk, p, j0, j1, m, l, acc);
+        default: break;
+      }
+    }
+  }
+#endif
+  partial<TQ, TC>(st, q, ck, cv, ks, vs, slot_pos, b, hk, p, j0, j1, m, l, acc);
+}
+
 template <typename TQ, typename TC>
 void run(const Step& st, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& cache_k,
          at::Tensor& cache_v, const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& v_scale,
@@ -215,7 +320,7 @@ void run(const Step& st, const at::Tensor& q, const at::Tensor& k, const at::Ten
       const int64_t pair = i / splits, c = i % splits, b = pair / Hkv, hk = pair % Hkv;
       const int64_t span = hi[b] - lo[b], per = (span + splits - 1) / splits;
       const int64_t j0 = lo[b] + std::min(span, c * per), j1 = lo[b] + std::min(span, (c + 1) * per);
-      partial<TQ, TC>(st, qp, ck, cv, ks, vs, sp, b, hk, pp[b], j0, j1, ms.data() + i * G, ls.data() + i * G,
+      item<TQ, TC>(st, qp, ck, cv, ks, vs, sp, b, hk, pp[b], j0, j1, ms.data() + i * G, ls.data() + i * G,
                       accs.data() + i * G * D);
     }
   });
@@ -284,10 +389,22 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
+// enable: 1 / 0 switches the bf16 dot-product path for bf16 caches on / off, -1 leaves it;
+// gives whether it runs (false where the CPU lacks AVX512_BF16).
+bool native_decode(int64_t enable) {
+  if (enable >= 0) g_native_decode.store(enable != 0);
+#if defined(__AVX512BF16__)
+  return g_native_decode.load();
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 }  // namespace swattn
 
 TORCH_LIBRARY_FRAGMENT(swattn, m) {
+  m.def("native_decode(int enable) -> bool", &swattn::native_decode);
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor(c!)? k_scale, "
         "Tensor(d!)? v_scale, Tensor(e!) slot_pos, Tensor(f!) last_pos, Tensor pos, int window, bool ring, int used, "
         "float softcap, float scale) -> Tensor");
