@@ -62,7 +62,7 @@ def read_bandwidth(nbytes: int = 1 << 30, repeat: int = 5) -> float:
     tensor, and swattn's one-row product streaming a bf16 matrix (when the CPU kernel builds
     here), best of ``repeat`` runs each. The yardstick for "fraction of the bandwidth" of decoding.
     """
-    from swattn.ops import cpu, linear
+    from swattn.ops import linear
 
     x = torch.ones(nbytes // 4)
     x.sum()
