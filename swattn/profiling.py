@@ -68,7 +68,7 @@ def read_bandwidth(nbytes: int = 1 << 30, repeat: int = 5) -> float:
     x.sum()
     best = min(median_time(lambda: x.sum(), repeat=1, warmup=0) for _ in range(repeat))
     rate = nbytes / best / 1e9
-    del x
+    x = None  # free the gigabyte before the next reader
     if linear.kernels():
         w = torch.ones(nbytes // 2 // 4096, 4096, dtype=torch.bfloat16)
         row = torch.ones(1, 4096, dtype=torch.bfloat16)
