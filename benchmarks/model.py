@@ -240,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="swattn's cache storage in decode rows (default: the model's dtype); llama.cpp gets "
                              "the same (int8: its q8_0), or its default f16 when not given")
     parser.add_argument("--llama-bench", help="llama.cpp's llama-bench binary: adds its column (see the README)")
+    parser.add_argument("--llama-kv", choices=["f16", "bf16", "q8_0", "f32"],
+                        help="llama.cpp's cache type (default: the same as --kv-dtype, else its own default f16)")
     parser.add_argument("--gguf", nargs="+", default=[], metavar="FORMAT=PATH",
                         help="the benchmark model as GGUF for llama.cpp, per format: fp32=, bf16=, q8= (Q8_0), q4= (Q4_0)")
     parser.add_argument("--shape", choices=["2layer", "2b"], default="2layer",
@@ -265,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         if fmt not in ("fp32", "bf16", "q8", "q4") or not os.path.isfile(file):
             parser.error(f"--gguf {item}: give FORMAT=PATH with FORMAT fp32, bf16, q8 or q4 and an existing file")
         ggufs[fmt] = file
+    llama_kv = args.llama_kv or LLAMA_KV[args.kv_dtype]
     if ggufs and not (args.llama_bench and os.path.isfile(args.llama_bench)):
         parser.error("--gguf needs --llama-bench PATH (llama.cpp's llama-bench binary)")
     if args.shape == "2b":
@@ -275,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# Gemma 2 2b-shaped, {shape['num_hidden_layers']} layers (local w=4096 / global), vocab "
           f"{shape['vocab_size']}, random weights; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           "matmul 2048^3 now: " + ", ".join(f"{name} {r:.0f} GFLOP/s" for name, r in rates.items())
-          + f"; memory read {bandwidth:.1f} GB/s")
+          + f"; memory read {bandwidth:.1f} GB/s; KV caches: swattn {args.kv_dtype or 'the model dtype'}"
+          + (f", llama.cpp {llama_kv or 'f16'}" if ggufs else ""))
     if args.n:
         print("# prefill: seconds, GFLOP/s (% of that dtype's matmul rate), peak memory growth; "
               "'x' = peer time / swattn time")
@@ -304,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"{fmt_bytes(r['peak'])}{ratio} |")
                 gguf = ggufs.get(_llama_format(dtype, weights))
                 if gguf and ours:
-                    r = llama_bench(args.llama_bench, gguf, "prefill", n, 0, LLAMA_KV[args.kv_dtype], args.timeout)
+                    r = llama_bench(args.llama_bench, gguf, "prefill", n, 0, llama_kv, args.timeout)
                     row += (f" llama.cpp {_llama_format(dtype, weights)}: {r['error']} |" if "error" in r else
                             f" llama.cpp {_llama_format(dtype, weights)}: {n / r['tokens_per_s']:.2f} s "
                             f"(fa {r['fa']}; swattn {n / r['tokens_per_s'] / ours:.2f}x) |")
@@ -333,8 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                         row += f" {impl}: {rate:.1f} tokens/s{ratio}{extra} |"
                     gguf = ggufs.get(_llama_format(dtype, weights))
                     if gguf and ours and batch == 1:
-                        r = llama_bench(args.llama_bench, gguf, "decode", context, 64, LLAMA_KV[args.kv_dtype],
-                                        args.timeout)
+                        r = llama_bench(args.llama_bench, gguf, "decode", context, 64, llama_kv, args.timeout)
                         fmt = _llama_format(dtype, weights)
                         row += (f" llama.cpp {fmt}: {r['error']} |" if "error" in r else
                                 f" llama.cpp {fmt}: {r['tokens_per_s']:.1f} tokens/s (fa {r['fa']}, "
