@@ -58,23 +58,39 @@ def matmul_gflops(dtype: torch.dtype = torch.float32, size: int = 1024, repeat: 
 def read_bandwidth(nbytes: int = 1 << 30, repeat: int = 5) -> float:
     """This machine's memory read rate in GB/s, with PyTorch's threads: the best reader measured.
 
-    Two readers over ``nbytes`` (far larger than the caches): PyTorch's sum of a float32
-    tensor, and swattn's one-row product streaming a bf16 matrix (when the CPU kernel builds
-    here), best of ``repeat`` runs each. The yardstick for "fraction of the bandwidth" of decoding.
+    Readers over ``nbytes`` (far larger than the caches): PyTorch's sum of a float32 tensor,
+    and swattn's one-row products streaming bf16, fp32 and q8 matrices of a few widths (when
+    the CPU kernel builds here), best of ``repeat`` runs each. The yardstick for "fraction of
+    the bandwidth" of decoding. On a shared virtual machine it moves from run to run, and the
+    same reader can differ by half between two buffers of one size (where the memory landed):
+    hence the maximum over several.
     """
+    from swattn import quant
     from swattn.ops import linear
 
+    def best_rate(fn, size):
+        fn()
+        return size / min(median_time(fn, repeat=1, warmup=0) for _ in range(repeat)) / 1e9
+
     x = torch.ones(nbytes // 4)
-    x.sum()
-    best = min(median_time(lambda: x.sum(), repeat=1, warmup=0) for _ in range(repeat))
-    rate = nbytes / best / 1e9
+    rate = best_rate(lambda: x.sum(), nbytes)
     x = None  # free the gigabyte before the next reader
-    if linear.kernels():
-        w = torch.ones(nbytes // 2 // 4096, 4096, dtype=torch.bfloat16)
-        row = torch.ones(1, 4096, dtype=torch.bfloat16)
-        linear.dense(row, w)
-        best = min(median_time(lambda: linear.dense(row, w), repeat=1, warmup=0) for _ in range(repeat))
-        rate = max(rate, w.numel() * 2 / best / 1e9)
+    if not linear.kernels():
+        return rate
+    for dtype, width in ((torch.bfloat16, 1024), (torch.bfloat16, 4096), (torch.float32, 4096)):
+        size = torch.finfo(dtype).bits // 8
+        w = torch.randn(nbytes // size // width, width).to(dtype)
+        row = torch.ones(1, width, dtype=dtype)
+        rate = max(rate, best_rate(lambda: linear.dense(row, w), w.numel() * size))
+        w = None
+    for width in (2304, 9216):
+        n = nbytes * 32 // 34 // width // quant.LANES * quant.LANES
+        qweight = torch.randint(0, 256, (n // quant.LANES, width * quant.LANES), dtype=torch.uint8)
+        scales = torch.ones(n // quant.LANES, width // 2, dtype=torch.float16)
+        row = torch.ones(1, width, dtype=torch.bfloat16)
+        read = qweight.numel() + scales.numel() * 2
+        rate = max(rate, best_rate(lambda: linear.quantized(row, qweight, scales, "q8", n), read))
+        qweight = scales = None
     return rate
 
 

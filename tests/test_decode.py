@@ -113,10 +113,12 @@ def test_row_ops_match_the_formulas(plus_one, dtype):
 KV_TOL = {torch.float32: 2e-5, torch.bfloat16: 1.5e-2, torch.float16: 2e-3, torch.int8: 3e-2}
 
 
+@pytest.mark.parametrize("simd", [True, False], ids=["avx512", "portable"])
 @pytest.mark.parametrize("kv_dtype", list(KV_TOL), ids=str)
 @pytest.mark.parametrize("kind", ["ring", "full"])
-def test_caches_in_every_kv_dtype_against_the_fp32_oracle(kv_dtype, kind):
+def test_caches_in_every_kv_dtype_against_the_fp32_oracle(kv_dtype, kind, simd, native_decode):
     """Chunked prefill then decode steps, keys and values stored as kv_dtype; outputs in fp32."""
+    native_decode(simd)
     window, dim = 6, 32
     make = lambda: RingCache(2, 2, dim, window, kv_dtype=kv_dtype) if kind == "ring" else \
         FullCache(2, 2, dim, kv_dtype=kv_dtype)  # noqa: E731

@@ -280,3 +280,18 @@ def test_health_says_503_until_the_model_is_loaded():
     assert busy.status_code == 503 and busy.json()["error"]["code"] == "loading"
     state.load_error = "could not load the model: no config.json"
     assert client.get("/health").json()["error"] == state.load_error
+
+
+def test_quantized_weights_and_int8_caches_serve_what_generate_gives(model_dir):
+    """--weights q8 --kv-dtype int8: the server's reply equals generate() on the same quantized model."""
+    proc, url = start_server(model_dir, "--parallel", "2", "--ctx-size", "256", "--weights", "q8", "--kv-dtype", "int8")
+    try:
+        model = load(model_dir, dtype="float32", weights="q8", kv_dtype="int8")
+        ids = model.tokenizer.encode("abc abc").ids
+        tokens = generate(model, [ids], max_new_tokens=10, stop_tokens=model.stop_tokens).tokens[0]
+        want = model.tokenizer.decode([t for t in tokens if t not in model.stop_tokens])
+        got = httpx.post(url + "/v1/completions", json={"prompt": "abc abc", "max_tokens": 10, "temperature": 0},
+                         timeout=60).json()
+        assert got["choices"][0]["text"] == want
+    finally:
+        stop_server(proc)

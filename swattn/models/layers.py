@@ -96,11 +96,14 @@ class QuantEmbedding(QuantLinear):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
         panel, lane = flat // quant.LANES, flat % quant.LANES
-        # the ids' panels, dequantized whole (16 rows each), then their lanes picked out
-        rows = quant.dequantize(self.qweight[panel], self.scales[panel], self.fmt, flat.numel() * quant.LANES,
-                                self.dtype)
-        rows = rows.view(flat.numel(), quant.LANES, -1)[torch.arange(flat.numel()), lane]
-        return rows.view(*ids.shape, self.in_features)
+        blocks = self.in_features // quant.BLOCK
+        # only the ids' own bytes: (panels, block, vector, lane, 4) indexed at (panel, lane)
+        raw = self.qweight.view(self.qweight.shape[0], blocks, -1, quant.LANES, 4)[panel, :, :, lane]
+        raw = raw.to(torch.int16)  # (tokens, block, vectors, 4)
+        values = raw - 128 if self.fmt == "q8" else torch.cat([raw & 0x0F, raw >> 4], dim=2) - 8
+        scale = self.scales.view(-1, blocks, quant.LANES)[panel, :, lane].float()  # (tokens, block)
+        rows = values.reshape(flat.numel(), blocks, quant.BLOCK).float() * scale.unsqueeze(-1)
+        return rows.to(self.dtype).view(*ids.shape, self.in_features)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The head: ``x`` ``(..., hidden_size)`` gives ``(..., vocab_size)``."""

@@ -40,7 +40,7 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kTileKeys = 64;
 constexpr int64_t kMinSlotsPerSplit = 256;
 constexpr int64_t kAheadKeys = 6;  // key rows prefetched ahead on the bf16 path
-std::atomic<bool> g_native_decode{true};  // bf16 caches on the CPU's bf16 dot products (off: fp32, for tests)
+std::atomic<bool> g_native_decode{true};  // bf16 / int8 caches on AVX-512 (off: the portable loops, for tests)
 
 // A stored row as fp32: float rows as they are, others converted into buf (16 lanes at a time).
 template <typename T>
@@ -158,19 +158,34 @@ void partial(const Step& st, const TQ* q, const TC* ck, const TC* cv, const floa
 }
 
 #if defined(__AVX512BF16__)
-// The same partial softmax for a bf16 cache, on the CPU's bf16 dot products: scores by
-// vdpbf16ps (q rounded to bf16, as the native bf16 forward does), values converted 16 lanes
-// at a time and accumulated for the G heads together. head_dim a multiple of 32.
-template <int G, typename TQ>
-void partial_bf16(const Step& st, const TQ* q, const c10::BFloat16* ck, const c10::BFloat16* cv,
+// The same partial softmax for bf16 and int8 caches with AVX-512. bf16: scores by vdpbf16ps
+// (q rounded to bf16, as the native bf16 forward does); int8: keys widened 16 at a time and
+// scaled once per key. Values are widened 16 lanes at a time and accumulated for the G heads
+// together; rows are prefetched ahead. head_dim a multiple of 32.
+template <typename TC>
+inline __m512 widen16(const TC* src) {
+  if constexpr (std::is_same_v<TC, c10::BFloat16>) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
+  }
+}
+
+template <int G, typename TQ, typename TC>
+void partial_simd(const Step& st, const TQ* q, const TC* ck, const TC* cv, const float* ks, const float* vs,
                   const int64_t* slot_pos, int64_t b, int64_t hk, int64_t p, int64_t j0, int64_t j1, float* m,
                   float* l, float* acc) {
-  const int64_t D = st.D, nc = D / 32;
-  std::vector<__m512bh> qb(G * nc);
+  constexpr bool kBf16 = std::is_same_v<TC, c10::BFloat16>;
+  const int64_t D = st.D, nc = D / 32, row_bytes = D * static_cast<int64_t>(sizeof(TC));
+  std::vector<__m512bh> qb(kBf16 ? G * nc : 0);
+  std::vector<float> qf(kBf16 ? 0 : G * D);
   for (int g = 0; g < G; ++g) {
     const TQ* qg = q + ((b * st.H + hk * G + g) * D);
     for (int64_t c = 0; c < nc; ++c) {
-      if constexpr (std::is_same_v<TQ, c10::BFloat16>) {
+      if constexpr (!kBf16) {
+        for (int64_t e = c * 32; e < c * 32 + 32; ++e) qf[g * D + e] = static_cast<float>(qg[e]);
+      } else if constexpr (std::is_same_v<TQ, c10::BFloat16>) {
         qb[g * nc + c] = (__m512bh)_mm512_loadu_si512(qg + c * 32);
       } else {
         qb[g * nc + c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(qg + c * 32 + 16), _mm512_loadu_ps(qg + c * 32));
@@ -190,20 +205,28 @@ void partial_bf16(const Step& st, const TQ* q, const c10::BFloat16* ck, const c1
     for (int64_t j = t0; j < t1; ++j) {
       const int64_t kp = sp[j];
       if (!(kp >= 0 && kp <= p && (st.window <= 0 || p - kp < st.window))) continue;
-      const c10::BFloat16* kr = ck + (base + j) * D;
+      const TC* kr = ck + (base + j) * D;
       // keep the memory busy: the key a few rows on, and this key's value (read after the tile)
-      for (int64_t line = 0; line < D * 2; line += 64) {
+      for (int64_t line = 0; line < row_bytes; line += 64) {
         _mm_prefetch(reinterpret_cast<const char*>(kr + kAheadKeys * D) + line, _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(cv + (base + j) * D) + line, _MM_HINT_T1);
       }
       __m512 a[G];
       for (int g = 0; g < G; ++g) a[g] = _mm512_setzero_ps();
-      for (int64_t c = 0; c < nc; ++c) {
-        const __m512bh kv = (__m512bh)_mm512_loadu_si512(kr + c * 32);
-        for (int g = 0; g < G; ++g) a[g] = _mm512_dpbf16_ps(a[g], kv, qb[g * nc + c]);
+      if constexpr (kBf16) {
+        for (int64_t c = 0; c < nc; ++c) {
+          const __m512bh kv = (__m512bh)_mm512_loadu_si512(kr + c * 32);
+          for (int g = 0; g < G; ++g) a[g] = _mm512_dpbf16_ps(a[g], kv, qb[g * nc + c]);
+        }
+      } else {
+        for (int64_t c = 0; c < D; c += 16) {
+          const __m512 kv = widen16(kr + c);
+          for (int g = 0; g < G; ++g) a[g] = _mm512_fmadd_ps(kv, _mm512_loadu_ps(qf.data() + g * D + c), a[g]);
+        }
       }
+      const float key_scale = kBf16 ? st.scale : st.scale * ks[base + j];
       for (int g = 0; g < G; ++g) {
-        float dot = _mm512_reduce_add_ps(a[g]) * st.scale;
+        float dot = _mm512_reduce_add_ps(a[g]) * key_scale;
         if (st.softcap > 0.0f) dot = st.softcap * fast_tanh(dot / st.softcap);
         s[g][n] = dot;
       }
@@ -224,12 +247,14 @@ void partial_bf16(const Step& st, const TQ* q, const c10::BFloat16* ck, const c1
       float* ag = acc + g * D;
       for (int64_t e = 0; e < D; ++e) ag[e] *= corr;
     }
+    if constexpr (!kBf16)  // int8 values: their scale joins the weights
+      for (int64_t j = 0; j < n; ++j)
+        for (int g = 0; g < G; ++g) s[g][j] *= vs[base + keys[j]];
     for (int64_t c = 0; c < D; c += 16) {  // 16 lanes of every head's output over the tile's values
       __m512 a[G];
       for (int g = 0; g < G; ++g) a[g] = _mm512_loadu_ps(acc + g * D + c);
       for (int64_t j = 0; j < n; ++j) {
-        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cv + (base + keys[j]) * D + c));
-        const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        const __m512 v = widen16(cv + (base + keys[j]) * D + c);
         for (int g = 0; g < G; ++g) a[g] = _mm512_fmadd_ps(_mm512_set1_ps(s[g][j]), v, a[g]);
       }
       for (int g = 0; g < G; ++g) _mm512_storeu_ps(acc + g * D + c, a[g]);
@@ -244,13 +269,13 @@ void item(const Step& st, const TQ* q, const TC* ck, const TC* cv, const float* 
           const int64_t* slot_pos, int64_t b, int64_t hk, int64_t p, int64_t j0, int64_t j1, float* m, float* l,
           float* acc) {
 #if defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<TC, c10::BFloat16>) {
+  if constexpr (std::is_same_v<TC, c10::BFloat16> || std::is_same_v<TC, int8_t>) {
     if (st.D % 32 == 0 && g_native_decode.load(std::memory_order_relaxed)) {
       switch (st.G) {
-        case 1: return partial_bf16<1>(st, q, ck, cv, slot_pos, b, hk, p, j0, j1, m, l, acc);
-        case 2: return partial_bf16<2>(st, q, ck, cv, slot_pos, b, hk, p, j0, j1, m, l, acc);
-        case 4: return partial_bf16<4>(st, q, ck, cv, slot_pos, b, hk, p, j0, j1, m, l, acc);
-        case 8: return partial_bf16<8>(st, q, ck, cv, slot_pos, b, hk, p, j0, j1, m, l, acc);
+        case 1: return partial_simd<1>(st, q, ck, cv, ks, vs, slot_pos, b, hk, p, j0, j1, m, l, acc);
+        case 2: return partial_simd<2>(st, q, ck, cv, ks, vs, slot_pos, b, hk, p, j0, j1, m, l, acc);
+        case 4: return partial_simd<4>(st, q, ck, cv, ks, vs, slot_pos, b, hk, p, j0, j1, m, l, acc);
+        case 8: return partial_simd<8>(st, q, ck, cv, ks, vs, slot_pos, b, hk, p, j0, j1, m, l, acc);
         default: break;
       }
     }
@@ -389,7 +414,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
-// enable: 1 / 0 switches the bf16 dot-product path for bf16 caches on / off, -1 leaves it;
+// enable: 1 / 0 switches the AVX-512 path for bf16 and int8 caches on / off, -1 leaves it;
 // gives whether it runs (false where the CPU lacks AVX512_BF16).
 bool native_decode(int64_t enable) {
   if (enable >= 0) g_native_decode.store(enable != 0);
