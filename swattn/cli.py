@@ -215,6 +215,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise UserError(f"--itl-factor must be > 1, got {args.itl_factor}")
     if args.prefix_cache_mb < 0:
         raise UserError(f"--prefix-cache-mb must be >= 0, got {args.prefix_cache_mb}")
+    if args.head and not args.weights:
+        raise UserError("--head applies to quantized weights: give --weights q8 or q4 too")
     from swattn.models.loading import BUILTIN
 
     path = Path(args.model) if args.model is not None else BUILTIN
@@ -266,6 +268,8 @@ def _load_model(path: str | None, dtype: str | None, command: str, args: argpars
     elif not Path(path).is_dir():
         raise UserError(f"--model {path}: no such directory")
     weights, head = getattr(args, "weights", None), getattr(args, "head", None)
+    if head and not weights:
+        raise UserError("--head applies to quantized weights: give --weights q8 or q4 too")
     model = load(path, dtype=dtype, weights=weights, head=head, kv_dtype=getattr(args, "kv_dtype", None))
     if model.dense_layers and weights:
         print(f"swattn {command}: kept dense (in_features not a multiple of 64): {', '.join(model.dense_layers[:4])}"

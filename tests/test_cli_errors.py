@@ -203,3 +203,14 @@ def test_interactive_chat_on_a_terminal_survives_ctrl_c(chat_dir, tmp_path):
         if proc.poll() is None:
             proc.kill()
         os.close(master)
+
+
+def test_weight_options_are_checked_in_one_line(tmp_path):
+    for command in (["generate", "--prompt", "x"], ["serve"]):
+        assert_one_line_error(run(*command, "--head", "q4"), command[0], 2, "--head applies to quantized weights")
+    proc = run("quantize", "--out", str(tmp_path / "q"), "--weights", "q2")
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    assert_one_line_error(run("quantize", "--out", str(tmp_path / "full"), "--weights", "q8"), "quantize", 2,
+                          "exists and is not empty")
