@@ -168,7 +168,8 @@ def scenario_load(urls: dict, args, vocab: int) -> None:
 def scenario_interference(url: str, args, vocab: int) -> None:
     async def go():
         async with _client() as client:
-            streams = [asyncio.create_task(one_request(client, url, p, args.output_len * 4))
+            # streams long enough to outlast the settling and the long prompt's prefill
+            streams = [asyncio.create_task(one_request(client, url, p, args.output_len * 16))
                        for p in random_prompts(4, args.prompt_len, vocab, seed=7)]
             await asyncio.sleep(args.settle)
             arrive = time.perf_counter()
