@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from swattn.ops import cpu, linear
 from swattn.ops.api import sliding_window_attention
 from swattn.ops.validate import check_window
 
@@ -31,8 +32,6 @@ KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
 
 def _decode_kernel(q: torch.Tensor) -> bool:
     """Whether a one-token step runs through the compiled decode step (CPU tensors the kernel takes)."""
-    from swattn.ops import cpu, linear
-
     return q.device.type == "cpu" and q.dtype in cpu.DTYPES and linear.kernels() and not (
         torch.is_grad_enabled() and q.requires_grad)
 
@@ -101,11 +100,13 @@ class _LayerCache:
             buf[index] = torch.round(x.float() / torch.where(s > 0, s, 1.0).unsqueeze(-1)).to(torch.int8)
             scale[index] = s
 
-    def _stored(self, which: str, stop: int | None = None) -> torch.Tensor:
-        """The stored keys (``which="k"``) or values up to slot ``stop``, in the compute dtype."""
-        buf = (self.k if which == "k" else self.v)[:, :, :stop]
+    def _stored(self, which: str, stop: int | None = None, index: tuple | None = None) -> torch.Tensor:
+        """The stored keys (``which="k"``) or values up to slot ``stop`` (or at ``index`` of the
+        first three dimensions), in the compute dtype: only what is asked for is converted."""
+        index = (slice(None), slice(None), slice(None, stop)) if index is None else index
+        buf = (self.k if which == "k" else self.v)[index]
         if self.k_scale is not None:
-            scale = (self.k_scale if which == "k" else self.v_scale)[:, :, :stop]
+            scale = (self.k_scale if which == "k" else self.v_scale)[index]
             return (buf.float() * scale.unsqueeze(-1)).to(self.dtype)
         return buf if buf.dtype == self.dtype else buf.to(self.dtype)
 
@@ -363,7 +364,7 @@ class RingCache(_LayerCache):
         slot = pos.clamp_min(0) % self.window
         keep_old = ~valid.view(batch, 1, 1)
         index = (rows, slice(None), slot)
-        old_k, old_v = self._stored("k")[index], self._stored("v")[index]
+        old_k, old_v = self._stored("k", index=index), self._stored("v", index=index)
         self._put(index, torch.where(keep_old, old_k, k[:, :, 0]), torch.where(keep_old, old_v, v[:, :, 0]))
         self.slot_pos[rows, slot] = torch.where(valid, pos, self.slot_pos[rows, slot])
         self.last_pos.copy_(torch.where(valid, pos, self.last_pos))
