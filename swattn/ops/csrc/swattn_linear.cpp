@@ -30,6 +30,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -341,6 +342,29 @@ void dense_bf16(const c10::BFloat16* w, const c10::BFloat16* x, int64_t K, int64
     default: KERNEL<8>(__VA_ARGS__); break;      \
   }
 
+// One weight row (feature) against rows m0 .. m0+rows of x, on the fastest kernel built here.
+template <typename T>
+void dense_feature(const T* w, const T* x, int64_t K, int64_t m0, int rows, float* res, bool simd) {
+#if SWATTN_VNNI
+  if constexpr (std::is_same_v<T, float>) {
+    if (simd) {
+      SWATTN_ROWS_SWITCH(dense_f32, w, x, K, m0, res);
+      return;
+    }
+  }
+#endif
+#if SWATTN_VNNI && SWATTN_DPBF16
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (simd) {
+      SWATTN_ROWS_SWITCH(dense_bf16, w, x, K, m0, res);
+      return;
+    }
+  }
+#endif
+  (void)simd;
+  dense_portable(w, x, K, m0, rows, res);
+}
+
 at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "weight must be a contiguous (N, K) tensor");
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "x and weight must have one dtype");
@@ -348,33 +372,15 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight) {
   const int64_t M = check_rows(x, K);
   at::Tensor y = at::empty(out_shape(x, N), x.options());
   const bool simd = use_simd();
-  if (x.scalar_type() == at::kFloat) {
-    const float* w = weight.data_ptr<float>();
-    const float* xp = x.data_ptr<float>();
-    over_features(M, N, y.data_ptr<float>(), [&](int64_t n, int64_t m0, int rows, float* res) {
-#if SWATTN_VNNI
-      if (simd) {
-        SWATTN_ROWS_SWITCH(dense_f32, w + n * K, xp, K, m0, res);
-        return;
-      }
-#endif
-      (void)simd;
-      dense_portable(w + n * K, xp, K, m0, rows, res);
-    });
-  } else {
-    const c10::BFloat16* w = weight.data_ptr<c10::BFloat16>();
-    const c10::BFloat16* xp = x.data_ptr<c10::BFloat16>();
-    over_features(M, N, y.data_ptr<c10::BFloat16>(), [&](int64_t n, int64_t m0, int rows, float* res) {
-#if SWATTN_VNNI && SWATTN_DPBF16
-      if (simd) {
-        SWATTN_ROWS_SWITCH(dense_bf16, w + n * K, xp, K, m0, res);
-        return;
-      }
-#endif
-      (void)simd;
-      dense_portable(w + n * K, xp, K, m0, rows, res);
-    });
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "dense_linear", [&] {
+    if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
+      const scalar_t* w = weight.data_ptr<scalar_t>();
+      const scalar_t* xp = x.data_ptr<scalar_t>();
+      over_features(M, N, y.data_ptr<scalar_t>(), [&](int64_t n, int64_t m0, int rows, float* res) {
+        dense_feature(w + n * K, xp, K, m0, rows, res, simd);
+      });
+    }
+  });
   return y;
 }
 
