@@ -22,7 +22,7 @@ import torch
 
 import swattn
 from swattn import dtypes
-from swattn.profiling import attention_flops, cell_worker, fmt_bytes, matmul_gflops, measure, run_cell_in_subprocess
+from swattn.profiling import attention_flops, cell_worker, describe_rates, fmt_bytes, matmul_rates, measure, run_cell_in_subprocess
 from swattn.window import visible
 
 IMPLS = ("swattn", "sdpa_dense", "flex")
@@ -151,8 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     print(f"# sliding-window attention, batch {BATCH}, heads {HEADS}/{HEADS_KV} (q/kv), torch {torch.__version__}, "
           f"{threads} threads", flush=True)
-    rates = {name: matmul_gflops(dt) for name, dt in DTYPES.items() if name in args.dtype}
-    print("# matmul 1024^3 measured now: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in rates.items()), flush=True)
+    products = {name: matmul_rates(dt) for name, dt in DTYPES.items() if name in args.dtype}
+    rates = {name: max(r.values()) for name, r in products.items()}
+    print("# matmul 1024^3 measured now, GFLOP/s, best (each product; %mm is of the best): "
+          + ", ".join(f"{k} {describe_rates(v)}" for k, v in products.items()), flush=True)
     print("# times are medians; 'x' = peer time / swattn time; peak = inputs + prepared masks + peak growth "
           "of resident memory while running", flush=True)
     peers = [i for i in args.impl if i != "swattn"]

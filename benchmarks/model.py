@@ -29,7 +29,7 @@ import time
 import torch
 
 from swattn import dtypes
-from swattn.profiling import (attention_flops, cell_worker, fmt_bytes, matmul_gflops, measure, read_bandwidth,
+from swattn.profiling import (attention_flops, cell_worker, fmt_bytes, describe_rates, matmul_rates, measure, read_bandwidth,
                               run_cell_in_subprocess)
 
 SHAPE = dict(vocab_size=4096, hidden_size=2304, intermediate_size=9216, num_hidden_layers=2, num_attention_heads=8,
@@ -273,15 +273,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.shape == "2b":
         args.n, args.impl = [], [i for i in args.impl if i == "swattn"]  # decode only: the 2b shape's bound
     path = _checkpoint(args.dir, args.shape)
-    rates = {name: matmul_gflops(DTYPES[name], size=2048) for name in args.dtype}
+    products = {name: matmul_rates(DTYPES[name], size=2048) for name in args.dtype}
+    rates = {name: max(r.values()) for name, r in products.items()}
     bandwidth = read_bandwidth()
     print(f"# Gemma 2 2b-shaped, {shape['num_hidden_layers']} layers (local w=4096 / global), vocab "
           f"{shape['vocab_size']}, random weights; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          "matmul 2048^3 now: " + ", ".join(f"{name} {r:.0f} GFLOP/s" for name, r in rates.items())
+          "matmul 2048^3 now, GFLOP/s, best (each product): "
+          + ", ".join(f"{name} {describe_rates(r)}" for name, r in products.items())
           + f"; memory read {bandwidth:.1f} GB/s; KV caches: swattn {args.kv_dtype or 'the model dtype'}"
           + (f", llama.cpp {llama_kv or 'f16'}" if ggufs else ""))
     if args.n:
-        print("# prefill: seconds, GFLOP/s (% of that dtype's matmul rate), peak memory growth; "
+        print("# prefill: seconds, GFLOP/s (% of that dtype's best matmul rate), peak memory growth; "
               "'x' = peer time / swattn time")
     print("# decode: tokens/s (all rows), and % of the bandwidth bound: bytes per step (weights in their format + "
           "each row's visible K/V) / the read rate above; 'x' = swattn / peer")

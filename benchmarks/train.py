@@ -34,7 +34,7 @@ import tempfile
 
 import torch
 
-from swattn.profiling import cell_worker, fmt_bytes, matmul_gflops, measure, run_cell_in_subprocess
+from swattn.profiling import cell_worker, describe_rates, fmt_bytes, matmul_rates, measure, run_cell_in_subprocess
 
 IMPLS = ("swattn", "eager", "sdpa")
 
@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     print(f"# transformers {transformers.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"matmul now: fp32 {matmul_gflops(torch.float32):.0f}, bf16 {matmul_gflops(torch.bfloat16):.0f} GFLOP/s")
+          f"matmul now, GFLOP/s: fp32 {describe_rates(matmul_rates(torch.float32))}, "
+          f"bf16 {describe_rates(matmul_rates(torch.bfloat16))}")
     print(f"# the built-in model's shape (Gemma 2, 6 layers, window 256 / global), random weights; {args.tokens} "
           "tokens per step; AdamW")
     print("# step time (median), peak memory growth during the step; ratios: the fastest transformers path over "

@@ -29,7 +29,7 @@ import tempfile
 import torch
 
 from swattn import dtypes
-from swattn.profiling import cell_worker, fmt_bytes, matmul_gflops, measure, run_cell_in_subprocess
+from swattn.profiling import cell_worker, describe_rates, fmt_bytes, matmul_rates, measure, run_cell_in_subprocess
 
 IMPLS = ("eager", "flex_attention", "swattn")
 DTYPES = dtypes.SHORT
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     print(f"# transformers {transformers.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"fp32 matmul now: {matmul_gflops(torch.float32):.0f} GFLOP/s")
+          f"fp32 matmul now, GFLOP/s: {describe_rates(matmul_rates(torch.float32))}")
     print("# Gemma 2 2b-shaped, 2 layers (local w=4096 + global), vocab 4096, random weights, batch 1")
     print("# time (median), peak memory growth; ratios are the peer's over swattn's (>1: swattn better)")
     tasks = [("prefill", n) for n in args.prefill] + [("train", n) for n in args.train]

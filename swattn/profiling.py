@@ -42,17 +42,33 @@ def median_time(fn: Callable[[], object], repeat: int = 3, warmup: int = 1) -> f
     return statistics.median(times)
 
 
-def matmul_gflops(dtype: torch.dtype = torch.float32, size: int = 1024, repeat: int = 5) -> float:
-    """This machine's square matrix product rate, in GFLOP/s, with PyTorch's threads.
+def matmul_rates(dtype: torch.dtype = torch.float32, size: int = 1024, repeat: int = 5) -> dict[str, float]:
+    """This machine's square matrix product rate in GFLOP/s, per product: ``{"torch": ..., "onednn": ...}``.
 
-    The best of ``repeat`` runs: the rate the hardware reaches, the yardstick for "% of
-    matmul" (a median would fold this VM's noise into the yardstick).
+    ``torch`` is PyTorch's default product (MKL's sgemm for fp32 on x86, oneDNN for bf16),
+    ``onednn`` oneDNN's called directly (absent where the build has none). The best of
+    ``repeat`` runs each: the rate the hardware reaches (a median would fold this VM's noise
+    into the yardstick). The best of the products is the yardstick for "% of matmul".
     """
+    from swattn.ops import linear
+
     a = torch.randn(size, size).to(dtype)
     b = torch.randn(size, size).to(dtype)
-    a @ b
-    best = min(median_time(lambda: a @ b, repeat=1, warmup=0) for _ in range(repeat))
-    return 2 * size**3 / best / 1e9
+    bt = b.t().contiguous()
+    products = {"torch": lambda: a @ b}
+    if linear._onednn_available():
+        products["onednn"] = lambda: linear._onednn(a, bt)
+    rates = {}
+    for name, fn in products.items():
+        fn()
+        best = min(median_time(fn, repeat=1, warmup=0) for _ in range(repeat))
+        rates[name] = 2 * size**3 / best / 1e9
+    return rates
+
+
+def describe_rates(rates: dict[str, float]) -> str:
+    """``"448 (torch 219, onednn 448)"``: the best product's rate and each one's, for benchmark headers."""
+    return f"{max(rates.values()):.0f} (" + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()) + ")"
 
 
 def read_bandwidth(nbytes: int = 1 << 30, repeat: int = 5) -> float:

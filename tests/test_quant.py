@@ -131,7 +131,7 @@ def test_quantized_prefill_panels(fmt, monkeypatch):
     x = torch.randn(2, 20, 128)
     want = x @ quant.dequantize(qweight, scales, fmt, 70).T
     assert torch.allclose(linear.quantized(x, qweight, scales, fmt, 70), want, atol=1e-5)
-    monkeypatch.setattr(linear, "_state", {"kernels": False})  # no extension: PyTorch's dequantize
+    monkeypatch.setitem(linear._state, "kernels", False)  # no extension: PyTorch's dequantize
     assert torch.allclose(linear.quantized(x, qweight, scales, fmt, 70), want, atol=1e-5)
 
 
@@ -139,6 +139,7 @@ def test_quantized_prefill_panels(fmt, monkeypatch):
 @pytest.mark.parametrize("k,n", [(7, 5), (100, 33), (1000, 67)])
 def test_dense_kernel_every_row_count(simd, dtype, k, n, monkeypatch):
     monkeypatch.setitem(linear.DENSE_ROWS, dtype, 16)  # the kernel for every count, not just where it wins
+    monkeypatch.setattr(linear, "ONEDNN_DENSE_ROWS", 16)
     torch.manual_seed(k)
     w = torch.randn(n, k).to(dtype)
     for m in range(1, 17):

@@ -1,15 +1,23 @@
 """Linear-layer products ``y = x W^T`` for dense and block-quantized weights (dispatch in this one place).
 
 Few rows (decoding, small batches: up to ``SMALL_ROWS``) go through the CPU extension's
-kernels, which read each weight byte once for all rows; more rows (prefill) through PyTorch's
-matrix product, quantized weights dequantized to the activations' dtype one panel of output
-features at a time (so no dense copy of the whole weight is ever held).
-``SWATTN_LINEAR=torch`` turns the kernels off (for comparisons).
+kernels, which read each weight byte once for all rows; more rows (prefill, training) through
+the fastest matrix product the machine has, quantized weights dequantized to the activations'
+dtype one panel of output features at a time (so no dense copy of the whole weight is ever held).
+
+fp32 products: PyTorch's default (``F.linear``: MKL's sgemm on x86) runs on AMD CPUs at about
+half of what oneDNN's does (measured 205 against 433 GFLOP/s on 2 Zen 5 cores), while on Intel
+CPUs the two are close. :func:`fp32_product` picks one per process by timing both once, at
+first use; ``SWATTN_FP32_PRODUCT=torch|onednn`` forces it. oneDNN's product has no autograd
+formula of its own, so :class:`_OneDNNLinear` gives it one (its backward products run on oneDNN
+too). bf16 products already go through oneDNN inside PyTorch.
+``SWATTN_LINEAR=torch`` turns the few-row kernels off (for comparisons).
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -18,11 +26,14 @@ from swattn import quant
 from swattn.ops import cpu
 
 SMALL_ROWS = 16  # the quantized kernels' row limit
-# Dense weights: up to how many rows the streaming kernel beats PyTorch's product (bf16 goes
-# to oneDNN, whose blocked product wins from 3 rows; fp32 to MKL, which loses at every size).
+# Dense weights: up to how many rows the streaming kernel beats the product it would otherwise
+# get. oneDNN's blocked product (bf16 always; fp32 where it is chosen) wins from 3 rows; MKL's
+# fp32 product loses at every count up to 16.
 DENSE_ROWS = {torch.float32: 16, torch.bfloat16: 2}
+ONEDNN_DENSE_ROWS = 2
 PANEL = 4096  # output features dequantized at a time for prefill
-_state: dict[str, bool | None] = {"kernels": None}
+FP32_PRODUCTS = ("torch", "onednn")
+_state: dict[str, bool | str | None] = {"kernels": None, "fp32": None}
 
 
 def kernels() -> bool:
@@ -32,15 +43,108 @@ def kernels() -> bool:
     return bool(_state["kernels"])
 
 
+def fp32_product() -> str:
+    """Which product fp32 linear layers use on the CPU: ``"onednn"`` or ``"torch"`` (PyTorch's default).
+
+    Chosen once per process: ``SWATTN_FP32_PRODUCT`` if set, else whichever of the two runs a
+    prefill-sized product faster here (oneDNN only when clearly, by 10%, so that machines where
+    they tie keep PyTorch's default and one process's choice does not flip with timing noise).
+    """
+    if _state["fp32"] is None:
+        choice = os.environ.get("SWATTN_FP32_PRODUCT", "auto")
+        if choice not in FP32_PRODUCTS + ("auto",):
+            raise ValueError(f"SWATTN_FP32_PRODUCT must be one of torch, onednn, auto; got {choice!r}")
+        if choice == "onednn" and not _onednn_available():
+            raise ValueError("SWATTN_FP32_PRODUCT=onednn, but this PyTorch build has no oneDNN")
+        if choice == "auto":
+            choice = "onednn" if _onednn_available() and _onednn_faster() else "torch"
+        _state["fp32"] = choice
+    return str(_state["fp32"])
+
+
+def set_fp32_product(choice: str | None) -> None:
+    """Forces :func:`fp32_product`'s answer (``None``: choose again at next use); for tests and benchmarks."""
+    if choice is not None and choice not in FP32_PRODUCTS:
+        raise ValueError(f"choice must be one of {', '.join(FP32_PRODUCTS)} or None, got {choice!r}")
+    if choice == "onednn" and not _onednn_available():
+        raise ValueError("this PyTorch build has no oneDNN")
+    _state["fp32"] = choice
+
+
+def _onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _onednn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    # Any strides: the backward hands over transposed views, which oneDNN reads in place.
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+def _onednn_faster() -> bool:
+    """Times one (256 x 1024) x (1024 x 1024) product both ways (about 0.1 s in all)."""
+    x, w = torch.randn(256, 1024), torch.randn(1024, 1024)
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    try:
+        return best(lambda: _onednn(x, w)) < 0.9 * best(lambda: F.linear(x, w))
+    except RuntimeError:  # a build whose oneDNN cannot run this product
+        return False
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """``x W^T`` through oneDNN, with the backward's two products through oneDNN as well."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return _onednn(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn(grad, weight.t())  # (..., N) x (N, K)
+        if ctx.needs_input_grad[1]:
+            rows = grad.reshape(-1, grad.shape[-1])  # (M, N)
+            grad_w = _onednn(rows.t(), x.reshape(-1, x.shape[-1]).t())  # (N, M) x (M, K)
+        return grad_x, grad_w
+
+
 def _small(x: torch.Tensor, limit: int = SMALL_ROWS) -> bool:
     return x.device.type == "cpu" and x.numel() <= limit * x.shape[-1] and x.dtype in cpu.DTYPES and kernels()
 
 
+def _uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
+            and weight.device.type == "cpu" and x.numel() > 0 and weight.numel() > 0 and fp32_product() == "onednn")
+
+
+def product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(..., K)`` times ``weight`` ``(N, K)`` transposed on the fastest product for many rows (autograd-aware)."""
+    if _uses_onednn(x, weight):
+        if _needs_grad(x, weight):
+            return _OneDNNLinear.apply(x, weight)
+        return _onednn(x, weight)
+    return F.linear(x, weight)
+
+
 def dense(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x`` ``(..., K)`` times ``weight`` ``(N, K)`` transposed: ``(..., N)`` (no autograd through the kernel)."""
-    if _small(x, DENSE_ROWS.get(x.dtype, 0)) and weight.dtype == x.dtype and weight.is_contiguous() and not _needs_grad(x, weight):
+    limit = DENSE_ROWS.get(x.dtype, 0)
+    if x.dtype == torch.float32 and limit > ONEDNN_DENSE_ROWS and _uses_onednn(x, weight):
+        limit = ONEDNN_DENSE_ROWS
+    if _small(x, limit) and weight.dtype == x.dtype and weight.is_contiguous() and not _needs_grad(x, weight):
         return torch.ops.swattn.dense_linear(x.contiguous(), weight)
-    return F.linear(x, weight)
+    return product(x, weight)
 
 
 def quantized(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, fmt: str, n: int) -> torch.Tensor:
@@ -59,8 +163,8 @@ def quantized(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, fmt:
             first, last = start // quant.LANES, -(-stop // quant.LANES)
             panel = quant.dequantize(qweight[first:last], scales[first:last], fmt, stop - start, x.dtype)
         if stop - start == n:
-            return (rows @ panel.T).view(*x.shape[:-1], n)
-        out[:, start:stop] = rows @ panel.T
+            return product(rows, panel).view(*x.shape[:-1], n)
+        out[:, start:stop] = product(rows, panel)
     return out.view(*x.shape[:-1], n)
 
 

@@ -1,0 +1,131 @@
+"""The dense linear products' dispatch: oneDNN and PyTorch's default fp32 product, forward and autograd.
+
+Both choices are forced in turn and judged against float64, so each is tested on every machine
+whatever the per-process choice would be here.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from swattn.models.layers import Linear
+from swattn.ops import linear
+
+CHOICES = [c for c in linear.FP32_PRODUCTS if c != "onednn" or linear._onednn_available()]
+
+
+@pytest.fixture(params=CHOICES)
+def choice(request):
+    before = linear._state["fp32"]
+    linear.set_fp32_product(request.param)
+    yield request.param
+    linear._state["fp32"] = before
+
+
+def _inputs(shape, n, seed):
+    """fp32-representable float64 inputs, so that float64 products of them are the exact answer."""
+    torch.manual_seed(seed)
+    k = shape[-1]
+    x = torch.randn(*shape).double()
+    w = (torch.randn(n, k) / math.sqrt(k)).double()
+    return x, w
+
+
+def _close(got, want, inner):
+    """Within fp32 summation error: eps * sqrt(terms) relative to the result's scale (measured ratio <= 1.3)."""
+    bound = 4 * torch.finfo(torch.float32).eps * math.sqrt(inner) * max(1.0, want.abs().max().item())
+    return got.shape == want.shape and (got.double() - want).abs().max().item() <= bound
+
+
+# Odd sizes, a single row, many rows (through the product, not the few-row kernel), 1-D and 3-D.
+SHAPES = [((64,), 33), ((1, 7), 5), ((3, 5, 100), 33), ((17, 257), 333), ((300, 96), 130), ((2, 40, 129), 65)]
+
+
+@pytest.mark.parametrize("shape,n", SHAPES)
+def test_forward_matches_float64(choice, shape, n):
+    x, w = _inputs(shape, n, n)
+    y = linear.dense(x.float(), w.float())
+    want = x @ w.T
+    assert y.dtype == torch.float32
+    assert _close(y, want, shape[-1])
+
+
+@pytest.mark.parametrize("shape,n", SHAPES)
+def test_gradients_match_float64(choice, shape, n):
+    x, w = _inputs(shape, n, n + 1)
+    grad = torch.randn(*shape[:-1], n).double()
+    xf, wf = x.float().requires_grad_(), w.float().requires_grad_()
+    y = linear.dense(xf, wf)
+    if choice == "onednn":  # the dispatch really took oneDNN's path, with its own backward
+        assert type(y.grad_fn).__name__ == "_OneDNNLinearBackward"
+    y.backward(grad.float())
+    x64, w64 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    (x64 @ w64.T).backward(grad)
+    assert _close(xf.grad, x64.grad, n)
+    assert _close(wf.grad, w64.grad, math.prod(shape[:-1]))
+
+
+def test_only_the_weight_needs_a_gradient(choice):
+    x, w = _inputs((9, 48), 20, 3)
+    wf = w.float().requires_grad_()
+    linear.dense(x.float(), wf).sum().backward()
+    assert _close(wf.grad, x.sum(0).expand(20, 48), 9)
+
+
+def test_strided_and_empty_inputs(choice):
+    w = torch.randn(33, 64)
+    x = torch.randn(64, 5).t()  # (5, 64), not contiguous
+    assert torch.allclose(linear.dense(x, w), F.linear(x, w), atol=1e-5)
+    for empty in (torch.randn(0, 64), torch.randn(2, 0, 64)):
+        xe, we = empty.requires_grad_(), w.clone().requires_grad_()
+        y = linear.dense(xe, we)
+        assert y.shape == (*empty.shape[:-1], 33)
+        y.sum().backward()
+        assert torch.equal(we.grad, torch.zeros_like(w))
+
+
+def test_training_a_linear_layer_matches_pytorch(choice):
+    """A few SGD steps of swattn's Linear follow nn.Linear's to fp32 rounding."""
+    torch.manual_seed(0)
+    ours, theirs = Linear(40, 24), torch.nn.Linear(40, 24, bias=False)
+    theirs.weight.data.copy_(ours.weight.data)
+    x, target = torch.randn(64, 40), torch.randn(64, 24)
+    for module in (ours, theirs):
+        opt = torch.optim.SGD(module.parameters(), lr=0.1)
+        for _ in range(5):
+            opt.zero_grad()
+            F.mse_loss(module(x), target).backward()
+            opt.step()
+    assert torch.allclose(ours.weight, theirs.weight, atol=1e-5)
+
+
+def test_bf16_keeps_pytorchs_product():
+    linear.set_fp32_product("torch")
+    try:
+        x = torch.randn(10, 32, dtype=torch.bfloat16, requires_grad=True)
+        w = torch.randn(8, 32, dtype=torch.bfloat16)
+        assert type(linear.dense(x, w).grad_fn).__name__ != "_OneDNNLinearBackward"
+    finally:
+        linear._state["fp32"] = None
+
+
+def test_choice_is_made_once_and_can_be_forced(monkeypatch):
+    monkeypatch.setitem(linear._state, "fp32", None)
+    monkeypatch.setenv("SWATTN_FP32_PRODUCT", "torch")
+    assert linear.fp32_product() == "torch"
+    monkeypatch.setenv("SWATTN_FP32_PRODUCT", "onednn")
+    assert linear.fp32_product() == "torch"  # kept for the process
+    monkeypatch.setitem(linear._state, "fp32", None)
+    monkeypatch.setenv("SWATTN_FP32_PRODUCT", "mkl")
+    with pytest.raises(ValueError, match="SWATTN_FP32_PRODUCT"):
+        linear.fp32_product()
+    with pytest.raises(ValueError, match="choice"):
+        linear.set_fp32_product("fast")
+
+
+def test_auto_choice_is_one_of_the_products(monkeypatch):
+    monkeypatch.setitem(linear._state, "fp32", None)
+    monkeypatch.delenv("SWATTN_FP32_PRODUCT", raising=False)
+    assert linear.fp32_product() in CHOICES
