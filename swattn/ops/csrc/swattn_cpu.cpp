@@ -24,7 +24,7 @@
 
 #include "fastmath.h"
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -273,18 +273,27 @@ struct SingleThreadedBlas {
 };
 
 // ---------------------------------------------------------------------------------------
-// Native bf16 forward (AVX512_BF16: vdpbf16ps multiplies pairs of bf16 into fp32 sums at
-// twice the fp32 FMA rate). Used for bf16 inputs with more than kSmallRows rows per item,
-// when this build targets a CPU that has the instructions. MKL's bf16 GEMM is no faster
-// than its sgemm on AMD CPUs, so these are our own small kernels:
-//   S^T (keys x rows) = K Q^T    K read in place, Q packed once per item as row pairs
+// Native forwards, fp32 and bf16, on our own AVX-512 kernels (MKL's sgemm reaches about
+// half of this machine's FMA rate on AMD CPUs, and its bf16 GEMM is no faster than its sgemm
+// there). Used with more than kSmallRows rows per item where the build targets a CPU with
+// AVX-512 (bf16: AVX512_BF16 too, whose vdpbf16ps multiplies pairs of bf16 into fp32 sums at
+// twice the fp32 FMA rate):
+//   S^T (keys x rows) = K Q^T    K read in place, Q packed once per item (fp32: transposed;
+//                                bf16: as row pairs); rows are the vector lanes
 //   one pass per 16 rows over S^T: scale, soft-cap, mask (exact, by position), max;
-//   a second: exp, sum, P rounded to bf16 (as flash-attention does for P V)
-//   Acc (rows x D) += P V         P and V packed as key pairs
+//   a second: exp, sum, P (fp32: in place in S^T; bf16: rounded and packed as key pairs, as
+//   flash-attention rounds P for P V)
+//   Acc (rows x D) += P V         fp32: V read in place when D is a multiple of 32 and no
+//                                slot is empty; else (and bf16) V packed, padded with zeros
 // Rows are padded to a multiple of 32 and D to a multiple of 32 inside the work item, so
 // the kernels have no ragged edges except the key count (a template over 1..12 keys).
+#if defined(__AVX512F__)
+constexpr bool kNativeFp32Build = true;
 #if defined(__AVX512BF16__)
 constexpr bool kNativeBf16Build = true;
+#else
+constexpr bool kNativeBf16Build = false;
+#endif
 
 constexpr int64_t kNativeKeys = 256;  // keys per sub-tile: S^T, P and V pairs stay in L2
 
@@ -319,6 +328,74 @@ inline __m512 softcap16(__m512 x, float cap) {
   return _mm512_mul_ps(_mm512_or_ps(th, sign), _mm512_set1_ps(cap));
 }
 
+// fp32 S^T rows [0, J) for J keys: st[j][r] = sum_d K[j][d] Q[r][d], r over rp (multiple of 32).
+// k: J rows of D floats; qt: Q transposed, (D x rp).
+template <int J>
+inline void st_kernel_f32(const float* k, int64_t D, const float* qt, int64_t rp, float* st) {
+  for (int64_t r0 = 0; r0 < rp; r0 += 32) {
+    __m512 acc[J][2];
+    for (int j = 0; j < J; ++j) acc[j][0] = acc[j][1] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; ++d) {
+      const __m512 b0 = _mm512_loadu_ps(qt + d * rp + r0);
+      const __m512 b1 = _mm512_loadu_ps(qt + d * rp + r0 + 16);
+      for (int j = 0; j < J; ++j) {
+        const __m512 a = _mm512_set1_ps(k[j * D + d]);
+        acc[j][0] = _mm512_fmadd_ps(a, b0, acc[j][0]);
+        acc[j][1] = _mm512_fmadd_ps(a, b1, acc[j][1]);
+      }
+    }
+    for (int j = 0; j < J; ++j) {
+      _mm512_storeu_ps(st + j * rp + r0, acc[j][0]);
+      _mm512_storeu_ps(st + j * rp + r0 + 16, acc[j][1]);
+    }
+  }
+}
+
+constexpr int kStKeys = 12;
+
+template <int J>
+inline void st_rest_f32(const float* k, int64_t D, const float* qt, int64_t rp, float* st, int rest) {
+  if constexpr (J > 0) {
+    if (rest == J) return st_kernel_f32<J>(k, D, qt, rp, st);
+    st_rest_f32<J - 1>(k, D, qt, rp, st, rest);
+  }
+}
+
+inline void scores_t(const float* k, int64_t kn, int64_t D, const float* qt, int64_t rp, float* st) {
+  int64_t j = 0;
+  for (; j + kStKeys <= kn; j += kStKeys) st_kernel_f32<kStKeys>(k + j * D, D, qt, rp, st + j * rp);
+  if (j < kn) st_rest_f32<kStKeys - 1>(k + j * D, D, qt, rp, st + j * rp, static_cast<int>(kn - j));
+}
+
+// acc (rp x dp) += P V for fp32: pt is P transposed (kn x rp), v kn rows of dp floats at stride ldv.
+inline void pv_kernel(const float* pt, const float* v, int64_t ldv, int64_t kn, int64_t rp, int64_t dp, float* acc) {
+  constexpr int R = 8;
+  for (int64_t d0 = 0; d0 < dp; d0 += 32) {
+    for (int64_t r0 = 0; r0 < rp; r0 += R) {
+      __m512 c[R][2];
+      for (int r = 0; r < R; ++r) {
+        c[r][0] = _mm512_loadu_ps(acc + (r0 + r) * dp + d0);
+        c[r][1] = _mm512_loadu_ps(acc + (r0 + r) * dp + d0 + 16);
+      }
+      for (int64_t j = 0; j < kn; ++j) {
+        const __m512 b0 = _mm512_loadu_ps(v + j * ldv + d0);
+        const __m512 b1 = _mm512_loadu_ps(v + j * ldv + d0 + 16);
+        const float* a_row = pt + j * rp + r0;
+        for (int r = 0; r < R; ++r) {
+          const __m512 a = _mm512_set1_ps(a_row[r]);
+          c[r][0] = _mm512_fmadd_ps(a, b0, c[r][0]);
+          c[r][1] = _mm512_fmadd_ps(a, b1, c[r][1]);
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        _mm512_storeu_ps(acc + (r0 + r) * dp + d0, c[r][0]);
+        _mm512_storeu_ps(acc + (r0 + r) * dp + d0 + 16, c[r][1]);
+      }
+    }
+  }
+}
+
+#if defined(__AVX512BF16__)
 // S^T rows [0, J) for J keys: st[j][r] = sum_d K[j][d] Q[r][d], r over rp (multiple of 32).
 // k: J rows of D bf16; qp: (pairs x rp) uint32, pair p of row r = (Q[r][2p], Q[r][2p+1]).
 template <int J>
@@ -353,8 +430,6 @@ inline void st_kernel(const c10::BFloat16* k, int64_t D, const uint32_t* qp, int
     }
   }
 }
-
-constexpr int kStKeys = 12;
 
 template <int J>
 inline void st_rest(const c10::BFloat16* k, int64_t D, const uint32_t* qp, int64_t rp, float* st, int rest) {
@@ -428,35 +503,75 @@ inline void pack_v(const c10::BFloat16* v, int64_t kn, int64_t D, int64_t dp, ui
 
 // Sixteen bf16 (as fp32 lanes) rounded to nearest even, in the low 16 bits of each lane.
 inline __m512i to_bf16_lanes(__m512 x) { return _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)); }
+#endif
+
+// fp32 V rows for P V: in place where they can be, else copied to (kn x dp) with zeros past D
+// and in the rows of empty slots (which may hold NaN, and 0 * NaN is NaN).
+inline const float* prepare_v(const float* v, int64_t kn, int64_t D, int64_t dp, std::vector<float>& buf,
+                              const int64_t* kpos, int64_t& ldv) {
+  bool empty = false;
+  for (int64_t j = 0; kpos && j < kn && !empty; ++j) empty = kpos[j] < 0;
+  if (D == dp && !empty) {
+    ldv = D;
+    return v;
+  }
+  ldv = dp;
+  for (int64_t j = 0; j < kn; ++j) {
+    float* dst = buf.data() + j * dp;
+    if (kpos && kpos[j] < 0) {
+      std::fill(dst, dst + dp, 0.0f);
+    } else {
+      std::copy(v + j * D, v + (j + 1) * D, dst);
+      std::fill(dst + D, dst + dp, 0.0f);
+    }
+  }
+  return buf.data();
+}
 
 struct NativeScratch {
-  std::vector<uint32_t> qp, pp, vp;
+  std::vector<uint32_t> qp, pp, vp;  // bf16: Q, P and V as pairs
+  std::vector<float> qt, vbuf;       // fp32: Q transposed, V where it cannot be read in place
   std::vector<float> st, acc, m, l;
   std::vector<int64_t> pos;  // per padded row: its query position (padding rows: none visible)
 };
 
-// One work item of the bf16 forward: queries [i0, i0 + n) of all heads of kv head hk.
-inline void native_item(const Problem& pb, const c10::BFloat16* q, const c10::BFloat16* k, const c10::BFloat16* v,
-                        c10::BFloat16* out, float* lse, int64_t b, int64_t hk, int64_t qb, int64_t i0, int64_t n,
-                        NativeScratch& sc) {
+// One work item of the native forward (T: float or bf16): queries [i0, i0 + n) of all heads
+// of kv head hk.
+template <typename T>
+inline void native_item(const Problem& pb, const T* q, const T* k, const T* v, T* out, float* lse, int64_t b,
+                        int64_t hk, int64_t qb, int64_t i0, int64_t n, NativeScratch& sc) {
+  constexpr bool fp32 = std::is_same_v<T, float>;
   const int64_t D = pb.D, rows = pb.G * n, rp = round_up(rows, 32), dp = round_up(D, 32), pairs_d = (D + 1) / 2;
-  sc.qp.assign(pairs_d * rp, 0u);
+  static_assert(fp32 || kNativeBf16Build, "the native bf16 forward needs AVX512_BF16");
+  if constexpr (fp32) {
+    sc.qt.assign(D * rp, 0.0f);
+  } else {
+    sc.qp.assign(pairs_d * rp, 0u);
+  }
   sc.pos.assign(rp, std::numeric_limits<int64_t>::min() / 4);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t g = r / n, i = r % n;
     sc.pos[r] = pb.q_position(b, i0 + i);
-    const c10::BFloat16* src = q + ((b * pb.H + hk * pb.G + g) * pb.Lq + i0 + i) * D;
-    for (int64_t p = 0; p < pairs_d; ++p) {
-      const uint32_t hi = 2 * p + 1 < D ? bf16_bits(src[2 * p + 1]) : 0u;
-      sc.qp[p * rp + r] = bf16_bits(src[2 * p]) | (hi << 16);
+    const T* src = q + ((b * pb.H + hk * pb.G + g) * pb.Lq + i0 + i) * D;
+    if constexpr (fp32) {
+      for (int64_t d = 0; d < D; ++d) sc.qt[d * rp + r] = src[d];
+    } else {
+      for (int64_t p = 0; p < pairs_d; ++p) {  // (no bf16-only instructions: builds without them too)
+        const uint32_t hi = 2 * p + 1 < D ? bf16_bits(src[2 * p + 1]) : 0u;
+        sc.qp[p * rp + r] = bf16_bits(src[2 * p]) | (hi << 16);
+      }
     }
   }
   sc.acc.assign(rp * dp, 0.0f);
   sc.m.assign(rp, kNegInf);
   sc.l.assign(rp, 0.0f);
   sc.st.resize(kNativeKeys * rp);
-  sc.pp.resize((kNativeKeys / 2) * rp);
-  sc.vp.resize((kNativeKeys / 2) * dp);
+  if constexpr (fp32) {
+    sc.vbuf.resize(kNativeKeys * dp);
+  } else {
+    sc.pp.resize((kNativeKeys / 2) * rp);
+    sc.vp.resize((kNativeKeys / 2) * dp);
+  }
   const __m512 scale = _mm512_set1_ps(pb.scale), neg_inf = _mm512_set1_ps(kNegInf);
   const bool windowed = pb.window > 0;
 
@@ -465,8 +580,19 @@ inline void native_item(const Problem& pb, const c10::BFloat16* q, const c10::BF
       const int64_t kn = std::min(kNativeKeys, pb.ranges[2 * range + 1] - j0), kpairs = (kn + 1) / 2;
       const int64_t* kpos = pb.k_pos ? pb.k_pos + b * pb.Lk + j0 : nullptr;
       float* st = sc.st.data();
-      scores_t(k + b * pb.k_sb + hk * pb.k_sh + j0 * D, kn, D, sc.qp.data(), rp, st);
-      pack_v(v + b * pb.v_sb + hk * pb.v_sh + j0 * D, kn, D, dp, sc.vp.data(), kpos);
+      const T* kj = k + b * pb.k_sb + hk * pb.k_sh + j0 * D;
+      const T* vj = v + b * pb.v_sb + hk * pb.v_sh + j0 * D;
+      const float* vrows = nullptr;
+      int64_t ldv = 0;
+      if constexpr (fp32) {
+        scores_t(kj, kn, D, sc.qt.data(), rp, st);
+        vrows = prepare_v(vj, kn, D, dp, sc.vbuf, kpos, ldv);
+      } else {
+#if defined(__AVX512BF16__)
+        scores_t(kj, kn, D, sc.qp.data(), rp, st);
+        pack_v(vj, kn, D, dp, sc.vp.data(), kpos);
+#endif
+      }
 
       for (int64_t r0 = 0; r0 < rp; r0 += 16) {
         // This vector's 16 query positions (two halves of 8 int64) and the window's lower edge.
@@ -509,7 +635,7 @@ inline void native_item(const Problem& pb, const c10::BFloat16* q, const c10::BF
           }
         }
         _mm512_storeu_ps(sc.m.data() + r0, m_new);
-        // Pass 2: P = exp(s - m) on visible keys, its row sums, P as bf16 key pairs.
+        // Pass 2: P = exp(s - m) on visible keys, its row sums; P in place (fp32) or as bf16 key pairs.
         const __mmask16 live = _mm512_cmp_ps_mask(m_new, neg_inf, _CMP_NEQ_OQ);
         __m512 sum = _mm512_setzero_ps();
         for (int64_t j = 0; j < kn; j += 2) {
@@ -520,36 +646,52 @@ inline void native_item(const Problem& pb, const c10::BFloat16* q, const c10::BF
                                      exp16(_mm512_sub_ps(_mm512_loadu_ps(st + (j + 1) * rp + r0), m_new)));
           }
           sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
-          const __m512i pair = _mm512_or_si512(to_bf16_lanes(e0), _mm512_slli_epi32(to_bf16_lanes(e1), 16));
-          _mm512_storeu_si512(sc.pp.data() + (j / 2) * rp + r0, pair);
+          if constexpr (fp32) {
+            _mm512_storeu_ps(st + j * rp + r0, e0);
+            if (j + 1 < kn) _mm512_storeu_ps(st + (j + 1) * rp + r0, e1);
+          } else {
+#if defined(__AVX512BF16__)
+            const __m512i pair = _mm512_or_si512(to_bf16_lanes(e0), _mm512_slli_epi32(to_bf16_lanes(e1), 16));
+            _mm512_storeu_si512(sc.pp.data() + (j / 2) * rp + r0, pair);
+#endif
+          }
         }
         _mm512_storeu_ps(sc.l.data() + r0, _mm512_add_ps(_mm512_loadu_ps(sc.l.data() + r0), sum));
       }
-      pv_kernel(sc.pp.data(), sc.vp.data(), kpairs, rp, dp, sc.acc.data());
+      if constexpr (fp32) {
+        pv_kernel(st, vrows, ldv, kn, rp, dp, sc.acc.data());
+      } else {
+#if defined(__AVX512BF16__)
+        pv_kernel(sc.pp.data(), sc.vp.data(), kpairs, rp, dp, sc.acc.data());
+#endif
+      }
     }
   }
 
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t g = r / n, i = r % n, h = hk * pb.G + g;
-    c10::BFloat16* o = out + ((b * pb.H + h) * pb.Lq + i0 + i) * D;
+    T* o = out + ((b * pb.H + h) * pb.Lq + i0 + i) * D;
     float* lr = lse + (b * pb.H + h) * pb.Lq + i0 + i;
     if (sc.l[r] > 0.0f) {
       from_float(sc.acc.data() + r * dp, o, D, 1.0f / sc.l[r]);
       *lr = sc.m[r] + std::log(sc.l[r]);
     } else {
-      std::fill(o, o + D, static_cast<c10::BFloat16>(0.0f));
+      std::fill(o, o + D, static_cast<T>(0.0f));
       *lr = kNegInf;
     }
   }
 }
 #else
+constexpr bool kNativeFp32Build = false;
 constexpr bool kNativeBf16Build = false;
 struct NativeScratch {};
-inline void native_item(const Problem&, const c10::BFloat16*, const c10::BFloat16*, const c10::BFloat16*,
-                        c10::BFloat16*, float*, int64_t, int64_t, int64_t, int64_t, int64_t, NativeScratch&) {}
+template <typename T>
+inline void native_item(const Problem&, const T*, const T*, const T*, T*, float*, int64_t, int64_t, int64_t, int64_t,
+                        int64_t, NativeScratch&) {}
 #endif
 
-// Whether bf16 forwards take the native path (on by default where built; off for comparisons).
+// Whether fp32 / bf16 forwards take the native path (on by default where built; off for comparisons).
+std::atomic<bool> g_native_fp32{true};
 std::atomic<bool> g_native_bf16{true};
 
 template <typename T>
@@ -566,7 +708,8 @@ void forward_kernel(const Problem& pb, const T* q, const T* k, const T* v, T* ou
       vbuf.resize(pb.max_kn * pb.D);
     }
     NativeScratch native;
-    const bool use_native = kNativeBf16Build && std::is_same_v<T, c10::BFloat16> && g_native_bf16.load();
+    const bool use_native = (kNativeBf16Build && std::is_same_v<T, c10::BFloat16> && g_native_bf16.load()) ||
+                            (kNativeFp32Build && std::is_same_v<T, float> && g_native_fp32.load());
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / (pb.Hkv * pb.n_qblocks);
       const int64_t hk = (item / pb.n_qblocks) % pb.Hkv;
@@ -574,9 +717,9 @@ void forward_kernel(const Problem& pb, const T* q, const T* k, const T* v, T* ou
       const int64_t i0 = qb * pb.block_q;
       const int64_t n = std::min(pb.block_q, pb.Lq - i0);
       const int64_t rows = pb.G * n;
-      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if constexpr (std::is_same_v<T, float> || (kNativeBf16Build && std::is_same_v<T, c10::BFloat16>)) {
         if (use_native && rows > kSmallRows) {
-          native_item(pb, q, k, v, out, lse, b, hk, qb, i0, n, native);
+          native_item<T>(pb, q, k, v, out, lse, b, hk, qb, i0, n, native);
           continue;
         }
       }
@@ -845,11 +988,18 @@ bool native_bf16(int64_t enable) {
   return kNativeBf16Build && g_native_bf16.load();
 }
 
+// The same for the native fp32 forward.
+bool native_fp32(int64_t enable) {
+  if (enable >= 0) g_native_fp32.store(enable != 0);
+  return kNativeFp32Build && g_native_fp32.load();
+}
+
 }  // namespace
 }  // namespace swattn
 
 TORCH_LIBRARY(swattn, m) {
   m.def("native_bf16(int enable) -> bool", &swattn::native_bf16);
+  m.def("native_fp32(int enable) -> bool", &swattn::native_fp32);
   m.def("forward(Tensor q, Tensor k, Tensor v, Tensor? q_pos, Tensor? k_pos, int window, float softcap, "
         "float scale, int block_q, Tensor block_ptr, Tensor ranges) -> (Tensor, Tensor)");
   m.def("backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor dout, Tensor? q_pos, "
