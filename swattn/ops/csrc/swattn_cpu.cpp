@@ -3,12 +3,15 @@
 // Work item = (batch row, kv head, block of queries). The query rows of all heads that
 // share one kv head are folded into the rows of one matrix (grouped-query attention without
 // repeating K/V). For each key range the planner (plan.py) says the block must visit:
-//   S = scale * Q K^T           (MKL sgemm, one thread per work item)
+//   S = scale * Q K^T
 //   one fused pass per row: soft-cap, mask, running max, exp, running sum
-//   Acc = corr * Acc + P V      (MKL sgemm)
-// so the only score memory is one (rows x block_k) tile per thread. Inputs in bf16/fp16 are
-// converted tile by tile; all arithmetic is fp32. Backward recomputes the tiles from the
-// saved log-sum-exp (flash-attention's approach) and accumulates dK/dV per work item.
+//   Acc = corr * Acc + P V
+// so the only score memory is one (rows x block_k) tile per thread; all arithmetic is fp32.
+// Backward recomputes the tiles from the saved log-sum-exp (flash-attention's approach) and
+// accumulates dK/dV per work item. Where the build has AVX-512, the products run on our own
+// register-blocked kernels ("native" paths below: fp32 forward and backward, bf16 forward on
+// AVX512_BF16); elsewhere, and for fp16, on BLAS's sgemm (MKL on x86; one thread per work
+// item), bf16/fp16 inputs converted tile by tile.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -318,81 +321,107 @@ inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(y, n);
 }
 
-// cap * tanh(x / cap) for 16 lanes.
-inline __m512 softcap16(__m512 x, float cap) {
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.0f / cap));
+// tanh(t) for 16 lanes, from e^(-2|t|) (no overflow), the sign put back.
+inline __m512 tanh16(__m512 t) {
   const __m512 sign = _mm512_and_ps(t, _mm512_castsi512_ps(_mm512_set1_epi32(0x80000000)));
   const __m512 a = _mm512_andnot_ps(_mm512_castsi512_ps(_mm512_set1_epi32(0x80000000)), t);
   const __m512 e = exp16(_mm512_mul_ps(a, _mm512_set1_ps(-2.0f)));
   const __m512 th = _mm512_div_ps(_mm512_sub_ps(_mm512_set1_ps(1.0f), e), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-  return _mm512_mul_ps(_mm512_or_ps(th, sign), _mm512_set1_ps(cap));
+  return _mm512_or_ps(th, sign);
 }
 
-// fp32 S^T rows [0, J) for J keys: st[j][r] = sum_d K[j][d] Q[r][d], r over rp (multiple of 32).
-// k: J rows of D floats; qt: Q transposed, (D x rp).
-template <int J>
-inline void st_kernel_f32(const float* k, int64_t D, const float* qt, int64_t rp, float* st) {
-  for (int64_t r0 = 0; r0 < rp; r0 += 32) {
-    __m512 acc[J][2];
-    for (int j = 0; j < J; ++j) acc[j][0] = acc[j][1] = _mm512_setzero_ps();
-    for (int64_t d = 0; d < D; ++d) {
-      const __m512 b0 = _mm512_loadu_ps(qt + d * rp + r0);
-      const __m512 b1 = _mm512_loadu_ps(qt + d * rp + r0 + 16);
-      for (int j = 0; j < J; ++j) {
-        const __m512 a = _mm512_set1_ps(k[j * D + d]);
-        acc[j][0] = _mm512_fmadd_ps(a, b0, acc[j][0]);
-        acc[j][1] = _mm512_fmadd_ps(a, b1, acc[j][1]);
-      }
+// cap * tanh(x / cap) for 16 lanes.
+inline __m512 softcap16(__m512 x, float cap) {
+  return _mm512_mul_ps(tanh16(_mm512_mul_ps(x, _mm512_set1_ps(1.0f / cap))), _mm512_set1_ps(cap));
+}
+
+// Which of 16 rows (lanes) see a key: rows at positions pos[0..16), keys at position kp.
+struct LaneWindow {
+  __m512i p_lo, p_hi, e_lo, e_hi;  // the rows' positions (two halves of 8 int64) and window edges
+  bool windowed;
+  LaneWindow(const int64_t* pos, int64_t window) : windowed(window > 0) {
+    p_lo = _mm512_loadu_si512(pos);
+    p_hi = _mm512_loadu_si512(pos + 8);
+    const __m512i w = _mm512_set1_epi64(windowed ? window : 0);
+    e_lo = _mm512_sub_epi64(p_lo, w);
+    e_hi = _mm512_sub_epi64(p_hi, w);
+  }
+  __mmask16 operator()(int64_t kp) const {
+    if (kp < 0) return 0;  // an empty slot
+    const __m512i kv = _mm512_set1_epi64(kp);
+    __mmask8 lo = _mm512_cmp_epi64_mask(kv, p_lo, _MM_CMPINT_LE);
+    __mmask8 hi = _mm512_cmp_epi64_mask(kv, p_hi, _MM_CMPINT_LE);
+    if (windowed) {
+      lo &= _mm512_cmp_epi64_mask(kv, e_lo, _MM_CMPINT_NLE);
+      hi &= _mm512_cmp_epi64_mask(kv, e_hi, _MM_CMPINT_NLE);
     }
-    for (int j = 0; j < J; ++j) {
-      _mm512_storeu_ps(st + j * rp + r0, acc[j][0]);
-      _mm512_storeu_ps(st + j * rp + r0 + 16, acc[j][1]);
+    return static_cast<__mmask16>(lo | (static_cast<unsigned>(hi) << 8));
+  }
+};
+
+// The fp32 products, all one register-blocked kernel: C (M x N) = or += A (M x K) B (K x N),
+// where A[m][k] is a[m * sm + k * sk] (any strides: it is broadcast one element at a time, so
+// both A and A^T stored row-major serve), B is K rows of N floats at stride ldb, N a multiple
+// of 32, and C rows are at stride ldc. A block of MR rows x 32 columns of C stays in registers
+// over all of K: per k, two vector loads of B and MR broadcasts feed 2 MR FMAs.
+template <int MR>
+inline void gemm_block(int64_t K, const float* a, int64_t sm, int64_t sk, const float* b, int64_t ldb, float* c,
+                       int64_t ldc, bool accumulate) {
+  __m512 c0[MR], c1[MR];
+  for (int r = 0; r < MR; ++r) {
+    c0[r] = accumulate ? _mm512_loadu_ps(c + r * ldc) : _mm512_setzero_ps();
+    c1[r] = accumulate ? _mm512_loadu_ps(c + r * ldc + 16) : _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 b0 = _mm512_loadu_ps(b + k * ldb);
+    const __m512 b1 = _mm512_loadu_ps(b + k * ldb + 16);
+    const float* ak = a + k * sk;
+    for (int r = 0; r < MR; ++r) {
+      const __m512 x = _mm512_set1_ps(ak[r * sm]);
+      c0[r] = _mm512_fmadd_ps(x, b0, c0[r]);
+      c1[r] = _mm512_fmadd_ps(x, b1, c1[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    _mm512_storeu_ps(c + r * ldc, c0[r]);
+    _mm512_storeu_ps(c + r * ldc + 16, c1[r]);
+  }
+}
+
+// The last M % MR rows: one block of exactly that many (a template per count).
+template <int MR>
+inline void gemm_rest(int rest, int64_t K, const float* a, int64_t sm, int64_t sk, const float* b, int64_t ldb,
+                      float* c, int64_t ldc, bool accumulate) {
+  if constexpr (MR > 0) {
+    if (rest == MR) return gemm_block<MR>(K, a, sm, sk, b, ldb, c, ldc, accumulate);
+    gemm_rest<MR - 1>(rest, K, a, sm, sk, b, ldb, c, ldc, accumulate);
+  }
+}
+
+// Column panels outer (a panel of B, K x 32, is reused by every row block), row blocks inner.
+template <int MR>
+inline void gemm_f32(int64_t M, int64_t N, int64_t K, const float* a, int64_t sm, int64_t sk, const float* b,
+                     int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  for (int64_t n0 = 0; n0 < N; n0 += 32) {
+    int64_t m0 = 0;
+    for (; m0 + MR <= M; m0 += MR) {
+      gemm_block<MR>(K, a + m0 * sm, sm, sk, b + n0, ldb, c + m0 * ldc + n0, ldc, accumulate);
+    }
+    if (m0 < M) {
+      gemm_rest<MR - 1>(static_cast<int>(M - m0), K, a + m0 * sm, sm, sk, b + n0, ldb, c + m0 * ldc + n0, ldc,
+                        accumulate);
     }
   }
 }
 
-constexpr int kStKeys = 12;
-
-template <int J>
-inline void st_rest_f32(const float* k, int64_t D, const float* qt, int64_t rp, float* st, int rest) {
-  if constexpr (J > 0) {
-    if (rest == J) return st_kernel_f32<J>(k, D, qt, rp, st);
-    st_rest_f32<J - 1>(k, D, qt, rp, st, rest);
-  }
-}
-
+// S^T (kn x rp) = K Q^T for fp32: k rows of D, qt Q transposed (D x rp).
 inline void scores_t(const float* k, int64_t kn, int64_t D, const float* qt, int64_t rp, float* st) {
-  int64_t j = 0;
-  for (; j + kStKeys <= kn; j += kStKeys) st_kernel_f32<kStKeys>(k + j * D, D, qt, rp, st + j * rp);
-  if (j < kn) st_rest_f32<kStKeys - 1>(k + j * D, D, qt, rp, st + j * rp, static_cast<int>(kn - j));
+  gemm_f32<12>(kn, rp, D, k, D, 1, qt, rp, st, rp, false);
 }
 
 // acc (rp x dp) += P V for fp32: pt is P transposed (kn x rp), v kn rows of dp floats at stride ldv.
 inline void pv_kernel(const float* pt, const float* v, int64_t ldv, int64_t kn, int64_t rp, int64_t dp, float* acc) {
-  constexpr int R = 8;
-  for (int64_t d0 = 0; d0 < dp; d0 += 32) {
-    for (int64_t r0 = 0; r0 < rp; r0 += R) {
-      __m512 c[R][2];
-      for (int r = 0; r < R; ++r) {
-        c[r][0] = _mm512_loadu_ps(acc + (r0 + r) * dp + d0);
-        c[r][1] = _mm512_loadu_ps(acc + (r0 + r) * dp + d0 + 16);
-      }
-      for (int64_t j = 0; j < kn; ++j) {
-        const __m512 b0 = _mm512_loadu_ps(v + j * ldv + d0);
-        const __m512 b1 = _mm512_loadu_ps(v + j * ldv + d0 + 16);
-        const float* a_row = pt + j * rp + r0;
-        for (int r = 0; r < R; ++r) {
-          const __m512 a = _mm512_set1_ps(a_row[r]);
-          c[r][0] = _mm512_fmadd_ps(a, b0, c[r][0]);
-          c[r][1] = _mm512_fmadd_ps(a, b1, c[r][1]);
-        }
-      }
-      for (int r = 0; r < R; ++r) {
-        _mm512_storeu_ps(acc + (r0 + r) * dp + d0, c[r][0]);
-        _mm512_storeu_ps(acc + (r0 + r) * dp + d0 + 16, c[r][1]);
-      }
-    }
-  }
+  gemm_f32<8>(rp, dp, kn, pt, 1, rp, v, ldv, acc, dp, true);
 }
 
 #if defined(__AVX512BF16__)
@@ -430,6 +459,8 @@ inline void st_kernel(const c10::BFloat16* k, int64_t D, const uint32_t* qp, int
     }
   }
 }
+
+constexpr int kStKeys = 12;
 
 template <int J>
 inline void st_rest(const c10::BFloat16* k, int64_t D, const uint32_t* qp, int64_t rp, float* st, int rest) {
@@ -573,7 +604,6 @@ inline void native_item(const Problem& pb, const T* q, const T* k, const T* v, T
     sc.vp.resize((kNativeKeys / 2) * dp);
   }
   const __m512 scale = _mm512_set1_ps(pb.scale), neg_inf = _mm512_set1_ps(kNegInf);
-  const bool windowed = pb.window > 0;
 
   for (int64_t range = pb.block_ptr[qb]; range < pb.block_ptr[qb + 1]; ++range) {
     for (int64_t j0 = pb.ranges[2 * range]; j0 < pb.ranges[2 * range + 1]; j0 += kNativeKeys) {
@@ -595,22 +625,8 @@ inline void native_item(const Problem& pb, const T* q, const T* k, const T* v, T
       }
 
       for (int64_t r0 = 0; r0 < rp; r0 += 16) {
-        // This vector's 16 query positions (two halves of 8 int64) and the window's lower edge.
-        const __m512i p_lo = _mm512_loadu_si512(sc.pos.data() + r0), p_hi = _mm512_loadu_si512(sc.pos.data() + r0 + 8);
-        const __m512i w = _mm512_set1_epi64(windowed ? pb.window : 0);
-        const __m512i e_lo = _mm512_sub_epi64(p_lo, w), e_hi = _mm512_sub_epi64(p_hi, w);
-        auto visible = [&](int64_t j) -> __mmask16 {
-          const int64_t kp = kpos ? kpos[j] : j0 + j;
-          if (kp < 0) return 0;
-          const __m512i kv = _mm512_set1_epi64(kp);
-          __mmask8 lo = _mm512_cmp_epi64_mask(kv, p_lo, _MM_CMPINT_LE);
-          __mmask8 hi = _mm512_cmp_epi64_mask(kv, p_hi, _MM_CMPINT_LE);
-          if (windowed) {
-            lo &= _mm512_cmp_epi64_mask(kv, e_lo, _MM_CMPINT_NLE);
-            hi &= _mm512_cmp_epi64_mask(kv, e_hi, _MM_CMPINT_NLE);
-          }
-          return static_cast<__mmask16>(lo | (static_cast<unsigned>(hi) << 8));
-        };
+        const LaneWindow lanes(sc.pos.data() + r0, pb.window);
+        auto visible = [&](int64_t j) { return lanes(kpos ? kpos[j] : j0 + j); };
         // Pass 1: scale, soft-cap, running max over the visible keys.
         __m512 mx = neg_inf;
         for (int64_t j = 0; j < kn; ++j) {
@@ -681,10 +697,106 @@ inline void native_item(const Problem& pb, const T* q, const T* k, const T* v, T
     }
   }
 }
+
+// The native fp32 backward of one query block [i0, i0 + n) of kv head hk (flash-attention's
+// recomputation from the saved log-sum-exp), every product on gemm_f32. Per key sub-tile:
+//   S^T = K Q^T and dP^T = V dO^T            (keys x rows; Q and dO packed transposed)
+//   P = exp(S - lse) on visible keys, dS = P (dP - delta) [(1 - tanh^2)] scale, in place
+//   dV += P^T dO, dK += dS^T Q               (rows of dva / dka at stride dp; Q, dO row-major)
+//   dQ += dS K                               (K read in place when it can be)
+// Empty slots' K and V may hold NaN: P and dS are selected (not multiplied) to zero there,
+// and K is copied with zero rows for dS K.
+struct BackwardScratch {
+  std::vector<float> qt, dot, qr, dor, st, dpt, th, dqa, kbuf, lse, delta;
+  std::vector<int64_t> pos;
+};
+
+template <typename T>
+inline void native_backward_block(const Problem& pb, const T* q, const T* k, const T* v, const T* out,
+                                  const T* dout, const float* lse, T* dq, int64_t b, int64_t hk, int64_t qb,
+                                  int64_t i0, int64_t n, int64_t lo, float* dka, float* dva, BackwardScratch& sc) {
+  static_assert(std::is_same_v<T, float>, "the native backward is fp32 (bf16 converts tiles first)");
+  const int64_t D = pb.D, rows = pb.G * n, rp = round_up(rows, 32), dp = round_up(D, 32);
+  const bool softcap = pb.softcap > 0;
+  sc.qt.assign(D * rp, 0.0f);
+  sc.dot.assign(D * rp, 0.0f);
+  sc.qr.assign(rp * dp, 0.0f);
+  sc.dor.assign(rp * dp, 0.0f);
+  sc.pos.assign(rp, std::numeric_limits<int64_t>::min() / 4);
+  sc.lse.assign(rp, kNegInf);
+  sc.delta.assign(rp, 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t g = r / n, i = r % n, row = (b * pb.H + hk * pb.G + g) * pb.Lq + i0 + i;
+    sc.pos[r] = pb.q_position(b, i0 + i);
+    sc.lse[r] = lse[row];
+    const T* qs = q + row * D;
+    const T* ds = dout + row * D;
+    const T* os = out + row * D;
+    float delta = 0.0f;
+    for (int64_t d = 0; d < D; ++d) {
+      sc.qt[d * rp + r] = sc.qr[r * dp + d] = qs[d];
+      sc.dot[d * rp + r] = sc.dor[r * dp + d] = ds[d];
+      delta += ds[d] * os[d];
+    }
+    sc.delta[r] = delta;
+  }
+  sc.dqa.assign(rp * dp, 0.0f);
+  sc.st.resize(kNativeKeys * rp);
+  sc.dpt.resize(kNativeKeys * rp);
+  sc.kbuf.resize(kNativeKeys * dp);
+  const __m512 scale = _mm512_set1_ps(pb.scale), neg_inf = _mm512_set1_ps(kNegInf), one = _mm512_set1_ps(1.0f);
+
+  for (int64_t range = pb.block_ptr[qb]; range < pb.block_ptr[qb + 1]; ++range) {
+    for (int64_t j0 = pb.ranges[2 * range]; j0 < pb.ranges[2 * range + 1]; j0 += kNativeKeys) {
+      const int64_t kn = std::min(kNativeKeys, pb.ranges[2 * range + 1] - j0);
+      const int64_t* kpos = pb.k_pos ? pb.k_pos + b * pb.Lk + j0 : nullptr;
+      const T* kj = k + b * pb.k_sb + hk * pb.k_sh + j0 * D;
+      const T* vj = v + b * pb.v_sb + hk * pb.v_sh + j0 * D;
+      float* st = sc.st.data();
+      float* dpt = sc.dpt.data();
+      scores_t(kj, kn, D, sc.qt.data(), rp, st);
+      gemm_f32<12>(kn, rp, D, vj, D, 1, sc.dot.data(), rp, dpt, rp, false);
+      for (int64_t r0 = 0; r0 < rp; r0 += 16) {
+        const LaneWindow lanes(sc.pos.data() + r0, pb.window);
+        const __m512 l = _mm512_loadu_ps(sc.lse.data() + r0), dl = _mm512_loadu_ps(sc.delta.data() + r0);
+        const __mmask16 live = _mm512_cmp_ps_mask(l, neg_inf, _CMP_NEQ_OQ);
+        for (int64_t j = 0; j < kn; ++j) {
+          __m512 s = _mm512_mul_ps(_mm512_loadu_ps(st + j * rp + r0), scale), th;
+          if (softcap) {
+            th = tanh16(_mm512_mul_ps(s, _mm512_set1_ps(1.0f / pb.softcap)));
+            s = _mm512_mul_ps(th, _mm512_set1_ps(pb.softcap));
+          }
+          const __m512 p = _mm512_maskz_mov_ps(lanes(kpos ? kpos[j] : j0 + j) & live, exp16(_mm512_sub_ps(s, l)));
+          const __mmask16 nz = _mm512_cmp_ps_mask(p, _mm512_setzero_ps(), _CMP_NEQ_OQ);
+          __m512 ds = _mm512_maskz_mul_ps(nz, p, _mm512_sub_ps(_mm512_loadu_ps(dpt + j * rp + r0), dl));
+          if (softcap) ds = _mm512_mul_ps(ds, _mm512_fnmadd_ps(th, th, one));  // d tanh = 1 - tanh^2
+          _mm512_storeu_ps(st + j * rp + r0, p);
+          _mm512_storeu_ps(dpt + j * rp + r0, _mm512_mul_ps(ds, scale));
+        }
+      }
+      gemm_f32<12>(kn, dp, rp, st, rp, 1, sc.dor.data(), dp, dva + (j0 - lo) * dp, dp, true);
+      gemm_f32<12>(kn, dp, rp, dpt, rp, 1, sc.qr.data(), dp, dka + (j0 - lo) * dp, dp, true);
+      int64_t ldk = 0;
+      const float* krows = prepare_v(kj, kn, D, dp, sc.kbuf, kpos, ldk);
+      gemm_f32<8>(rp, dp, kn, dpt, 1, rp, krows, ldk, sc.dqa.data(), dp, true);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t g = r / n, i = r % n;
+    T* dst = dq + ((b * pb.H + hk * pb.G + g) * pb.Lq + i0 + i) * D;
+    from_float(sc.dqa.data() + r * dp, dst, D, 1.0f);
+  }
+}
 #else
 constexpr bool kNativeFp32Build = false;
 constexpr bool kNativeBf16Build = false;
 struct NativeScratch {};
+struct BackwardScratch {};
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+template <typename T>
+inline void native_backward_block(const Problem&, const T*, const T*, const T*, const T*, const T*, const float*, T*,
+                                  int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float*, float*,
+                                  BackwardScratch&) {}
 template <typename T>
 inline void native_item(const Problem&, const T*, const T*, const T*, T*, float*, int64_t, int64_t, int64_t, int64_t,
                         int64_t, NativeScratch&) {}
@@ -792,6 +904,8 @@ void backward_kernel(const Problem& pb, int64_t n_segments, const T* q, const T*
   std::vector<std::vector<float>> acc_k(items), acc_v(items);
   std::vector<int64_t> k_lo(items, 0), k_hi(items, 0);
   const bool softcap = pb.softcap > 0;
+  const bool native = kNativeFp32Build && std::is_same_v<T, float> && g_native_fp32.load();
+  const int64_t ld = native ? round_up(pb.D, 32) : pb.D;  // the accumulators' row stride
 
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     SingleThreadedBlas blas;
@@ -799,6 +913,7 @@ void backward_kernel(const Problem& pb, int64_t n_segments, const T* q, const T*
         dqa(rows_max * pb.D), s(rows_max * pb.max_kn), dp(rows_max * pb.max_kn), t, delta(rows_max),
         lr(rows_max), kbuf, vbuf;
     std::vector<int64_t> qp(pb.block_q);
+    BackwardScratch native_scratch;
     if (softcap) t.resize(rows_max * pb.max_kn);
     if constexpr (!std::is_same_v<T, float>) {
       kbuf.resize(pb.max_kn * pb.D);
@@ -820,13 +935,20 @@ void backward_kernel(const Problem& pb, int64_t n_segments, const T* q, const T*
       k_hi[item] = hi;
       std::vector<float>& dka = acc_k[item];
       std::vector<float>& dva = acc_v[item];
-      dka.assign((hi - lo) * pb.D, 0.0f);
-      dva.assign((hi - lo) * pb.D, 0.0f);
+      dka.assign((hi - lo) * ld, 0.0f);
+      dva.assign((hi - lo) * ld, 0.0f);
 
       for (int64_t qb = qb_begin; qb < qb_end; ++qb) {
         const int64_t i0 = qb * pb.block_q;
         const int64_t n = std::min(pb.block_q, pb.Lq - i0);
         const int64_t rows = pb.G * n;
+        if constexpr (std::is_same_v<T, float>) {
+          if (native) {
+            native_backward_block(pb, q, k, v, out, dout, lse, dq, b, hk, qb, i0, n, lo, dka.data(), dva.data(),
+                                  native_scratch);
+            continue;
+          }
+        }
         for (int64_t i = 0; i < n; ++i) qp[i] = pb.q_position(b, i0 + i);
         load_rows(q, pb, b, hk, i0, n, qt.data());
         load_rows(dout, pb, b, hk, i0, n, dot.data());
@@ -895,8 +1017,8 @@ void backward_kernel(const Problem& pb, int64_t n_segments, const T* q, const T*
         for (int64_t seg = 0; seg < n_segments; ++seg) {
           const int64_t item = bh * n_segments + seg;
           if (j < k_lo[item] || j >= k_hi[item]) continue;
-          const float* ak = acc_k[item].data() + (j - k_lo[item]) * pb.D;
-          const float* av = acc_v[item].data() + (j - k_lo[item]) * pb.D;
+          const float* ak = acc_k[item].data() + (j - k_lo[item]) * ld;
+          const float* av = acc_v[item].data() + (j - k_lo[item]) * ld;
           for (int64_t d = 0; d < pb.D; ++d) {
             rk[d] += ak[d];
             rv[d] += av[d];
