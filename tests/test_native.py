@@ -1,5 +1,5 @@
-"""The compiled kernel's native forwards against the oracle: fp32 on its own AVX-512 FMA
-kernels, bf16 on AVX512_BF16 pair products.
+"""The compiled kernel's native forwards and backwards against the oracle: fp32 on its own
+AVX-512 FMA kernels, bf16 on AVX512_BF16 pair products.
 
 Each runs only where the kernel was built for a CPU with those instructions; elsewhere the
 forward goes through the sgemm path, which the other op tests cover (and which each test
@@ -99,7 +99,7 @@ def test_keys_that_are_a_prefix_of_a_larger_buffer(dtype):
     assert_matches_oracle([got], [ref], [low])
 
 
-# The native backward (fp32; bf16 converts its tiles to fp32 and runs it too), gradients included.
+# The native backwards (fp32 on FMA, bf16 on vdpbf16ps with P and dS rounded to bf16), against the oracle.
 def check_grads(dtype, batch, heads, heads_kv, q_len, k_len, head_dim, window, softcap=None, q_pos=None,
                 k_pos=None, nan_slots=False):
     shape = lambda h, n: (batch, h, n, head_dim)  # noqa: E731

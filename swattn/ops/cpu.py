@@ -94,7 +94,7 @@ def available() -> bool:
 
 
 def native_bf16(enable: bool | None = None) -> bool:
-    """Whether bf16 forwards run on the CPU's bf16 instructions (AVX512_BF16), built here.
+    """Whether bf16 forwards and backwards run on the CPU's bf16 instructions (AVX512_BF16), built here.
 
     Without them (or with ``native_bf16(False)``, for comparisons) bf16 inputs are converted
     to fp32 tile by tile. ``enable`` switches the native path on or off for this process.
@@ -104,7 +104,7 @@ def native_bf16(enable: bool | None = None) -> bool:
 
 
 def native_fp32(enable: bool | None = None) -> bool:
-    """Whether fp32 forwards run on swattn's own AVX-512 kernels, built here (else MKL's sgemm).
+    """Whether fp32 forwards and backwards run on swattn's own AVX-512 kernels, built here (else MKL's sgemm).
 
     ``enable`` switches the native path on or off for this process (off: for comparisons).
     """

@@ -9,9 +9,9 @@
 // so the only score memory is one (rows x block_k) tile per thread; all arithmetic is fp32.
 // Backward recomputes the tiles from the saved log-sum-exp (flash-attention's approach) and
 // accumulates dK/dV per work item. Where the build has AVX-512, the products run on our own
-// register-blocked kernels ("native" paths below: fp32 forward and backward, bf16 forward on
-// AVX512_BF16); elsewhere, and for fp16, on BLAS's sgemm (MKL on x86; one thread per work
-// item), bf16/fp16 inputs converted tile by tile.
+// register-blocked kernels ("native" paths below: fp32 forward and backward on FMAs, bf16
+// forward and backward on AVX512_BF16 pair products); elsewhere, and for fp16, on BLAS's sgemm
+// (MKL on x86; one thread per work item), bf16/fp16 inputs converted tile by tile.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -534,6 +534,64 @@ inline void pack_v(const c10::BFloat16* v, int64_t kn, int64_t D, int64_t dp, ui
 
 // Sixteen bf16 (as fp32 lanes) rounded to nearest even, in the low 16 bits of each lane.
 inline __m512i to_bf16_lanes(__m512 x) { return _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)); }
+
+inline uint32_t load_pair(const uint32_t* p) {
+  uint32_t x;
+  std::memcpy(&x, p, sizeof(x));
+  return x;
+}
+
+// The bf16 products of the backward, gemm_f32's blocking on vdpbf16ps: C (M x N) = or +=
+// A (M x K) B (K x N) with K taken in pairs. A's pair p of row m, (A[m][2p], A[m][2p+1]), is
+// the uint32 a[m * sm + p * sk]; B's pair row p holds (B[2p][n], B[2p+1][n]) at b[p * ldb + n]
+// for N (a multiple of 32) columns. Sums in fp32.
+template <int MR>
+inline void gemm_bf16_block(int64_t pairs, const uint32_t* a, int64_t sm, int64_t sk, const uint32_t* b, int64_t ldb,
+                            float* c, int64_t ldc, bool accumulate) {
+  __m512 c0[MR], c1[MR];
+  for (int r = 0; r < MR; ++r) {
+    c0[r] = accumulate ? _mm512_loadu_ps(c + r * ldc) : _mm512_setzero_ps();
+    c1[r] = accumulate ? _mm512_loadu_ps(c + r * ldc + 16) : _mm512_setzero_ps();
+  }
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + p * ldb);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + p * ldb + 16);
+    const uint32_t* ap = a + p * sk;
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh x = (__m512bh)_mm512_set1_epi32(static_cast<int>(load_pair(ap + r * sm)));
+      c0[r] = _mm512_dpbf16_ps(c0[r], x, b0);
+      c1[r] = _mm512_dpbf16_ps(c1[r], x, b1);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    _mm512_storeu_ps(c + r * ldc, c0[r]);
+    _mm512_storeu_ps(c + r * ldc + 16, c1[r]);
+  }
+}
+
+template <int MR>
+inline void gemm_bf16_rest(int rest, int64_t pairs, const uint32_t* a, int64_t sm, int64_t sk, const uint32_t* b,
+                           int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  if constexpr (MR > 0) {
+    if (rest == MR) return gemm_bf16_block<MR>(pairs, a, sm, sk, b, ldb, c, ldc, accumulate);
+    gemm_bf16_rest<MR - 1>(rest, pairs, a, sm, sk, b, ldb, c, ldc, accumulate);
+  }
+}
+
+template <int MR>
+inline void gemm_bf16(int64_t M, int64_t N, int64_t pairs, const uint32_t* a, int64_t sm, int64_t sk,
+                      const uint32_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  for (int64_t n0 = 0; n0 < N; n0 += 32) {
+    int64_t m0 = 0;
+    for (; m0 + MR <= M; m0 += MR) {
+      gemm_bf16_block<MR>(pairs, a + m0 * sm, sm, sk, b + n0, ldb, c + m0 * ldc + n0, ldc, accumulate);
+    }
+    if (m0 < M) {
+      gemm_bf16_rest<MR - 1>(static_cast<int>(M - m0), pairs, a + m0 * sm, sm, sk, b + n0, ldb, c + m0 * ldc + n0,
+                             ldc, accumulate);
+    }
+  }
+}
 #endif
 
 // fp32 V rows for P V: in place where they can be, else copied to (kn x dp) with zeros past D
@@ -709,13 +767,17 @@ inline void native_item(const Problem& pb, const T* q, const T* k, const T* v, T
 struct BackwardScratch {
   std::vector<float> qt, dot, qr, dor, st, dpt, th, dqa, kbuf, lse, delta;
   std::vector<int64_t> pos;
+  // bf16: Q and dO as pairs along D (qp, dotp) and along rows (qrp, dorp); K / V rows padded
+  // to pairs (odd D); K as key pairs; P^T and dS^T rounded to bf16; dS as key pairs.
+  std::vector<uint32_t> qp, dotp, qrp, dorp, kpad, vpad, kp, dsp;
+  std::vector<c10::BFloat16> ptb, dsb;
 };
 
 template <typename T>
 inline void native_backward_block(const Problem& pb, const T* q, const T* k, const T* v, const T* out,
                                   const T* dout, const float* lse, T* dq, int64_t b, int64_t hk, int64_t qb,
                                   int64_t i0, int64_t n, int64_t lo, float* dka, float* dva, BackwardScratch& sc) {
-  static_assert(std::is_same_v<T, float>, "the native backward is fp32 (bf16 converts tiles first)");
+  static_assert(std::is_same_v<T, float>, "bf16 has native_backward_block_bf16");
   const int64_t D = pb.D, rows = pb.G * n, rp = round_up(rows, 32), dp = round_up(D, 32);
   const bool softcap = pb.softcap > 0;
   sc.qt.assign(D * rp, 0.0f);
@@ -787,6 +849,127 @@ inline void native_backward_block(const Problem& pb, const T* q, const T* k, con
     from_float(sc.dqa.data() + r * dp, dst, D, 1.0f);
   }
 }
+
+#if defined(__AVX512BF16__)
+// Rows of a bf16 tile (kn x D at stride D) as uint32 pairs along D: in place when D is even,
+// else copied with a zero partner for the last dimension (stride pairs_d).
+inline const uint32_t* rows_as_pairs(const c10::BFloat16* x, int64_t kn, int64_t D, std::vector<uint32_t>& buf,
+                                     int64_t& stride) {
+  const int64_t pairs_d = (D + 1) / 2;
+  stride = pairs_d;
+  if (D % 2 == 0) return reinterpret_cast<const uint32_t*>(x);
+  buf.resize(kn * pairs_d);
+  for (int64_t j = 0; j < kn; ++j) {
+    for (int64_t p = 0; p < pairs_d; ++p) {
+      const uint32_t hi = 2 * p + 1 < D ? bf16_bits(x[j * D + 2 * p + 1]) : 0u;
+      buf[j * pairs_d + p] = bf16_bits(x[j * D + 2 * p]) | (hi << 16);
+    }
+  }
+  return buf.data();
+}
+
+// The native bf16 backward: native_backward_block's steps with every product on vdpbf16ps.
+// P and dS are rounded to bf16 for the products (as flash-attention does); sums are fp32.
+inline void native_backward_block_bf16(const Problem& pb, const c10::BFloat16* q, const c10::BFloat16* k,
+                                       const c10::BFloat16* v, const c10::BFloat16* out, const c10::BFloat16* dout,
+                                       const float* lse, c10::BFloat16* dq, int64_t b, int64_t hk, int64_t qb,
+                                       int64_t i0, int64_t n, int64_t lo, float* dka, float* dva,
+                                       BackwardScratch& sc) {
+  using bf16 = c10::BFloat16;
+  const int64_t D = pb.D, rows = pb.G * n, rp = round_up(rows, 32), dp = round_up(D, 32), pairs_d = (D + 1) / 2;
+  const bool softcap = pb.softcap > 0;
+  sc.qp.assign(pairs_d * rp, 0u);
+  sc.dotp.assign(pairs_d * rp, 0u);
+  sc.qrp.assign((rp / 2) * dp, 0u);
+  sc.dorp.assign((rp / 2) * dp, 0u);
+  sc.pos.assign(rp, std::numeric_limits<int64_t>::min() / 4);
+  sc.lse.assign(rp, kNegInf);
+  sc.delta.assign(rp, 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t g = r / n, i = r % n, row = (b * pb.H + hk * pb.G + g) * pb.Lq + i0 + i;
+    sc.pos[r] = pb.q_position(b, i0 + i);
+    sc.lse[r] = lse[row];
+    const bf16* qs = q + row * D;
+    const bf16* ds = dout + row * D;
+    const bf16* os = out + row * D;
+    float delta = 0.0f;
+    for (int64_t d = 0; d < D; ++d) delta += static_cast<float>(ds[d]) * static_cast<float>(os[d]);
+    sc.delta[r] = delta;
+    for (int64_t p = 0; p < pairs_d; ++p) {
+      const bool two = 2 * p + 1 < D;
+      sc.qp[p * rp + r] = bf16_bits(qs[2 * p]) | ((two ? bf16_bits(qs[2 * p + 1]) : 0u) << 16);
+      sc.dotp[p * rp + r] = bf16_bits(ds[2 * p]) | ((two ? bf16_bits(ds[2 * p + 1]) : 0u) << 16);
+    }
+    const int shift = (r % 2) * 16;  // row pairs: even rows in the low half
+    for (int64_t d = 0; d < D; ++d) {
+      sc.qrp[(r / 2) * dp + d] |= bf16_bits(qs[d]) << shift;
+      sc.dorp[(r / 2) * dp + d] |= bf16_bits(ds[d]) << shift;
+    }
+  }
+  sc.dqa.assign(rp * dp, 0.0f);
+  sc.st.resize(kNativeKeys * rp);
+  sc.dpt.resize(kNativeKeys * rp);
+  sc.ptb.resize(kNativeKeys * rp);
+  sc.dsb.resize(kNativeKeys * rp);
+  sc.dsp.resize((kNativeKeys / 2) * rp);
+  sc.kp.resize((kNativeKeys / 2) * dp);
+  const __m512 scale = _mm512_set1_ps(pb.scale), neg_inf = _mm512_set1_ps(kNegInf), one = _mm512_set1_ps(1.0f);
+
+  for (int64_t range = pb.block_ptr[qb]; range < pb.block_ptr[qb + 1]; ++range) {
+    for (int64_t j0 = pb.ranges[2 * range]; j0 < pb.ranges[2 * range + 1]; j0 += kNativeKeys) {
+      const int64_t kn = std::min(kNativeKeys, pb.ranges[2 * range + 1] - j0), kpairs = (kn + 1) / 2;
+      const int64_t* kpos = pb.k_pos ? pb.k_pos + b * pb.Lk + j0 : nullptr;
+      const bf16* kj = k + b * pb.k_sb + hk * pb.k_sh + j0 * D;
+      const bf16* vj = v + b * pb.v_sb + hk * pb.v_sh + j0 * D;
+      float* st = sc.st.data();
+      float* dpt = sc.dpt.data();
+      int64_t ks = 0, vs = 0;
+      const uint32_t* krow = rows_as_pairs(kj, kn, D, sc.kpad, ks);
+      const uint32_t* vrow = rows_as_pairs(vj, kn, D, sc.vpad, vs);
+      gemm_bf16<12>(kn, rp, pairs_d, krow, ks, 1, sc.qp.data(), rp, st, rp, false);     // S^T = K Q^T
+      gemm_bf16<12>(kn, rp, pairs_d, vrow, vs, 1, sc.dotp.data(), rp, dpt, rp, false);  // dP^T = V dO^T
+      for (int64_t r0 = 0; r0 < rp; r0 += 16) {
+        const LaneWindow lanes(sc.pos.data() + r0, pb.window);
+        const __m512 l = _mm512_loadu_ps(sc.lse.data() + r0), dl = _mm512_loadu_ps(sc.delta.data() + r0);
+        const __mmask16 live = _mm512_cmp_ps_mask(l, neg_inf, _CMP_NEQ_OQ);
+        __m512 prev = _mm512_setzero_ps();
+        for (int64_t j = 0; j < kn; ++j) {
+          __m512 s = _mm512_mul_ps(_mm512_loadu_ps(st + j * rp + r0), scale), th;
+          if (softcap) {
+            th = tanh16(_mm512_mul_ps(s, _mm512_set1_ps(1.0f / pb.softcap)));
+            s = _mm512_mul_ps(th, _mm512_set1_ps(pb.softcap));
+          }
+          const __m512 p = _mm512_maskz_mov_ps(lanes(kpos ? kpos[j] : j0 + j) & live, exp16(_mm512_sub_ps(s, l)));
+          const __mmask16 nz = _mm512_cmp_ps_mask(p, _mm512_setzero_ps(), _CMP_NEQ_OQ);
+          __m512 ds = _mm512_maskz_mul_ps(nz, p, _mm512_sub_ps(_mm512_loadu_ps(dpt + j * rp + r0), dl));
+          if (softcap) ds = _mm512_mul_ps(ds, _mm512_fnmadd_ps(th, th, one));
+          ds = _mm512_mul_ps(ds, scale);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(sc.ptb.data() + j * rp + r0), (__m256i)_mm512_cvtneps_pbh(p));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(sc.dsb.data() + j * rp + r0), (__m256i)_mm512_cvtneps_pbh(ds));
+          if (j % 2) {
+            const __m512i pair = _mm512_or_si512(to_bf16_lanes(prev), _mm512_slli_epi32(to_bf16_lanes(ds), 16));
+            _mm512_storeu_si512(sc.dsp.data() + (j / 2) * rp + r0, pair);
+          } else if (j + 1 == kn) {  // an odd key count: the last pair's partner is zero
+            _mm512_storeu_si512(sc.dsp.data() + (j / 2) * rp + r0, to_bf16_lanes(ds));
+          }
+          prev = ds;
+        }
+      }
+      const uint32_t* ptb = reinterpret_cast<const uint32_t*>(sc.ptb.data());
+      const uint32_t* dsb = reinterpret_cast<const uint32_t*>(sc.dsb.data());
+      gemm_bf16<12>(kn, dp, rp / 2, ptb, rp / 2, 1, sc.dorp.data(), dp, dva + (j0 - lo) * dp, dp, true);  // P^T dO
+      gemm_bf16<12>(kn, dp, rp / 2, dsb, rp / 2, 1, sc.qrp.data(), dp, dka + (j0 - lo) * dp, dp, true);  // dS^T Q
+      pack_v(kj, kn, D, dp, sc.kp.data(), kpos);  // K as key pairs, empty slots zero
+      gemm_bf16<8>(rp, dp, kpairs, sc.dsp.data(), 1, rp, sc.kp.data(), dp, sc.dqa.data(), dp, true);   // dS K
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t g = r / n, i = r % n;
+    bf16* dst = dq + ((b * pb.H + hk * pb.G + g) * pb.Lq + i0 + i) * D;
+    from_float(sc.dqa.data() + r * dp, dst, D, 1.0f);
+  }
+}
+#endif
 #else
 constexpr bool kNativeFp32Build = false;
 constexpr bool kNativeBf16Build = false;
@@ -904,7 +1087,8 @@ void backward_kernel(const Problem& pb, int64_t n_segments, const T* q, const T*
   std::vector<std::vector<float>> acc_k(items), acc_v(items);
   std::vector<int64_t> k_lo(items, 0), k_hi(items, 0);
   const bool softcap = pb.softcap > 0;
-  const bool native = kNativeFp32Build && std::is_same_v<T, float> && g_native_fp32.load();
+  const bool native = (kNativeFp32Build && std::is_same_v<T, float> && g_native_fp32.load()) ||
+                      (kNativeBf16Build && std::is_same_v<T, c10::BFloat16> && g_native_bf16.load());
   const int64_t ld = native ? round_up(pb.D, 32) : pb.D;  // the accumulators' row stride
 
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
@@ -949,6 +1133,15 @@ void backward_kernel(const Problem& pb, int64_t n_segments, const T* q, const T*
             continue;
           }
         }
+#if defined(__AVX512BF16__)
+        if constexpr (std::is_same_v<T, c10::BFloat16>) {
+          if (native) {
+            native_backward_block_bf16(pb, q, k, v, out, dout, lse, dq, b, hk, qb, i0, n, lo, dka.data(),
+                                       dva.data(), native_scratch);
+            continue;
+          }
+        }
+#endif
         for (int64_t i = 0; i < n; ++i) qp[i] = pb.q_position(b, i0 + i);
         load_rows(q, pb, b, hk, i0, n, qt.data());
         load_rows(dout, pb, b, hk, i0, n, dot.data());
