@@ -932,7 +932,7 @@ inline void native_backward_block_bf16(const Problem& pb, const c10::BFloat16* q
         const LaneWindow lanes(sc.pos.data() + r0, pb.window);
         const __m512 l = _mm512_loadu_ps(sc.lse.data() + r0), dl = _mm512_loadu_ps(sc.delta.data() + r0);
         const __mmask16 live = _mm512_cmp_ps_mask(l, neg_inf, _CMP_NEQ_OQ);
-        __m512 prev = _mm512_setzero_ps();
+        __m512i prev = _mm512_setzero_si512();  // the even key's dS, bf16 in the low halves
         for (int64_t j = 0; j < kn; ++j) {
           __m512 s = _mm512_mul_ps(_mm512_loadu_ps(st + j * rp + r0), scale), th;
           if (softcap) {
@@ -944,15 +944,16 @@ inline void native_backward_block_bf16(const Problem& pb, const c10::BFloat16* q
           __m512 ds = _mm512_maskz_mul_ps(nz, p, _mm512_sub_ps(_mm512_loadu_ps(dpt + j * rp + r0), dl));
           if (softcap) ds = _mm512_mul_ps(ds, _mm512_fnmadd_ps(th, th, one));
           ds = _mm512_mul_ps(ds, scale);
+          const __m256i ds16 = (__m256i)_mm512_cvtneps_pbh(ds);
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(sc.ptb.data() + j * rp + r0), (__m256i)_mm512_cvtneps_pbh(p));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(sc.dsb.data() + j * rp + r0), (__m256i)_mm512_cvtneps_pbh(ds));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(sc.dsb.data() + j * rp + r0), ds16);
+          const __m512i ds32 = _mm512_cvtepu16_epi32(ds16);
           if (j % 2) {
-            const __m512i pair = _mm512_or_si512(to_bf16_lanes(prev), _mm512_slli_epi32(to_bf16_lanes(ds), 16));
-            _mm512_storeu_si512(sc.dsp.data() + (j / 2) * rp + r0, pair);
+            _mm512_storeu_si512(sc.dsp.data() + (j / 2) * rp + r0, _mm512_or_si512(prev, _mm512_slli_epi32(ds32, 16)));
           } else if (j + 1 == kn) {  // an odd key count: the last pair's partner is zero
-            _mm512_storeu_si512(sc.dsp.data() + (j / 2) * rp + r0, to_bf16_lanes(ds));
+            _mm512_storeu_si512(sc.dsp.data() + (j / 2) * rp + r0, ds32);
           }
-          prev = ds;
+          prev = ds32;
         }
       }
       const uint32_t* ptb = reinterpret_cast<const uint32_t*>(sc.ptb.data());
