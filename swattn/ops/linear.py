@@ -130,6 +130,11 @@ def _uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x`` ``(..., K)`` times ``weight`` ``(N, K)`` transposed on the fastest product for many rows (autograd-aware)."""
+    if x.dim() > 2:
+        # As rows: F.linear on a (1, L, K) view of a longer sequence (a chunk of the MLP's
+        # input) goes through a batched product that copies the transposed weight every call
+        # (measured: 145 against 102 ms for 2048 x 2304 x 9216 in bf16).
+        return product(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
     if _uses_onednn(x, weight):
         if _needs_grad(x, weight):
             return _OneDNNLinear.apply(x, weight)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from swattn.ops.linear import product
+
 CHUNK = 1024  # tokens per chunk: 1024 x vocab floats at a time
 
 
@@ -38,8 +40,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if t is not None:  # through the soft-cap: 1 - tanh^2
                     p.mul_(1.0 - t.square_())
                 pd = p.to(dtype)
-                dh[s : s + CHUNK] = (pd @ w).to(h.dtype)
-                dw.add_((pd.T @ hc).float())
+                dh[s : s + CHUNK] = product(pd, w.t()).to(h.dtype)  # pd @ w
+                dw.add_(product(pd.t(), hc.t()).float())  # pd^T @ hc
         ctx.save_for_backward(dh, dw)
         ctx.weight_dtype = weight.dtype
         return (total / n).float()
@@ -52,7 +54,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def _capped_logits(h: torch.Tensor, w: torch.Tensor, softcap: float | None):
     """float32 logits of a chunk, soft-capped; with a cap also the tanh (for the backward)."""
-    logits = (h @ w.T).float()
+    logits = product(h, w).float()
     if softcap is None:
         return logits, None
     t = logits.div_(softcap).tanh_()
