@@ -21,10 +21,10 @@ from swattn.ops import cpu, linear
 from swattn.ops.api import sliding_window_attention
 
 
-def _row_kernel(x: torch.Tensor) -> bool:
-    """Whether ``x`` is a decode step's few rows that the compiled row-wise ops take (inference only)."""
+def _row_kernel(x: torch.Tensor, limit: int | None = linear.SMALL_ROWS) -> bool:
+    """Whether the compiled row-wise ops take ``x`` (inference only): up to ``limit`` tokens (None: any)."""
     tokens = x.shape[0] * x.shape[-2] if x.dim() == 4 else x.numel() // x.shape[-1]  # (batch, heads, seq, dim)
-    return (tokens <= linear.SMALL_ROWS and x.device.type == "cpu" and x.dtype in cpu.DTYPES
+    return ((limit is None or tokens <= limit) and x.device.type == "cpu" and x.dtype in cpu.DTYPES
             and x.stride(-1) == 1 and not (torch.is_grad_enabled() and x.requires_grad) and linear.kernels())
 
 
@@ -37,7 +37,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _row_kernel(x):  # a decode step's few rows: one call instead of a dozen
+        # At inference, any number of rows: one pass in fp32 (a decode step's few rows: one
+        # call instead of a dozen; a prefill chunk of 4096 x 2304 bf16: 0.6 against 24 ms)
+        if _row_kernel(x, limit=None):
             return torch.ops.swattn.rms_norm(x.contiguous(), self.weight, self.eps, self.plus_one)
         xf = x.float()
         # mean(x^2) from the norm: one read of x instead of writing x^2 out and reading it back
