@@ -12,7 +12,7 @@ from swattn import dtypes
 # name -> script in benchmarks/ (not "transformers.py": run as a script it would shadow the package)
 BENCHMARKS = {"attention": "attention.py", "cache": "cache.py", "model": "model.py",
               "transformers": "transformers_backend.py", "train": "train.py",
-              "distributed": "distributed.py", "serve": "serve.py"}
+              "distributed": "distributed.py", "serve": "serve.py", "linear": "linear.py"}
 _BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 
 

@@ -30,6 +30,15 @@ def test_unknown_command_line_is_an_error():
         main(["demo", "--bogus"])
 
 
+def test_bench_linear_prints_every_shape_and_pass(capsys):
+    assert main(["bench", "linear", "--rows", "8", "--shapes", "64:32", "96:48", "--dtype", "fp32", "--repeat", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.strip().endswith("%")]
+    assert [r.split()[:4] for r in rows] == [["64", "32", "fp32", "fwd"], ["64", "32", "fp32", "fwd+bwd"],
+                                              ["96", "48", "fp32", "fwd"], ["96", "48", "fp32", "fwd+bwd"]]
+    with pytest.raises(SystemExit):
+        main(["bench", "linear", "--shapes", "64x32"])
+
+
 def test_bench_cache_runs_and_checks_ring_memory(capsys):
     assert main(["bench", "cache", "--contexts", "64", "256", "--window", "32", "--steps", "3", "--million", "100"]) == 0
     out = capsys.readouterr().out

@@ -4,8 +4,13 @@ import pytest
 import torch
 
 import swattn
+from swattn.ops import cpu
 
 from conftest import BACKENDS, assert_matches_oracle, make_qkv, oracle_with_grads, run_with_grads
+
+# The compiled kernel runs its own AVX-512 products where it can ("native"); "cpu-sgemm" forces
+# the BLAS path that every other machine gets, so both stay tested here.
+OP_BACKENDS = BACKENDS + ["cpu-sgemm"]
 
 
 def check(backend, batch, heads, heads_kv, q_len, k_len, head_dim, window, softcap=None,
@@ -13,20 +18,29 @@ def check(backend, batch, heads, heads_kv, q_len, k_len, head_dim, window, softc
     q, k, v = make_qkv(batch, heads, heads_kv, q_len, k_len, head_dim, dtype)
     dout = torch.randn(batch, heads, q_len, head_dim, dtype=dtype)
     kw = dict(window=window, softcap=softcap, scale=scale)
-    got = run_with_grads(lambda q, k, v: swattn.sliding_window_attention(q, k, v, backend=backend, **kw),
-                         q, k, v, dout)
+    native = backend != "cpu-sgemm"
+    backend = "cpu" if backend == "cpu-sgemm" else backend
+    switches = (cpu.native_fp32, cpu.native_bf16) if cpu.available() else ()
+    try:
+        for switch in switches:
+            switch(native)
+        got = run_with_grads(lambda q, k, v: swattn.sliding_window_attention(q, k, v, backend=backend, **kw),
+                             q, k, v, dout)
+    finally:
+        for switch in switches:
+            switch(True)
     ref = oracle_with_grads(q, k, v, dout, **kw)
     low = None if dtype == torch.float32 else oracle_with_grads(q, k, v, dout, compute_dtype=dtype, **kw)
     assert_matches_oracle(got, ref, low)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", OP_BACKENDS)
 @pytest.mark.parametrize("head_dim", [16, 33, 64, 128, 256])
 def test_head_dims(backend, head_dim, small_blocks):
     check(backend, 1, 4, 2, 45, 45, head_dim, window=10, softcap=20.0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", OP_BACKENDS)
 @pytest.mark.parametrize("window", [1, 2, 7, 37, 50, 80, None])  # 50 = the length
 @pytest.mark.parametrize("heads,heads_kv", [(3, 3), (6, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("softcap", [None, 5.0])
@@ -34,14 +48,14 @@ def test_windows_heads_softcap(backend, window, heads, heads_kv, softcap, small_
     check(backend, 2, heads, heads_kv, 50, 50, 24, window=window, softcap=softcap)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", OP_BACKENDS)
 @pytest.mark.parametrize("q_len,k_len", [(1, 41), (5, 41), (17, 41), (41, 41)])
 @pytest.mark.parametrize("window", [6, None])
 def test_fewer_queries_than_keys(backend, q_len, k_len, window, small_blocks):
     check(backend, 2, 4, 2, q_len, k_len, 32, window=window, softcap=30.0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", OP_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("softcap", [None, 30.0])
 def test_low_precision(backend, dtype, softcap, small_blocks):
