@@ -20,6 +20,7 @@ def _seed():
 def small_blocks(monkeypatch):
     """Shrinks every backend's blocks so small inputs span many query and key blocks."""
     monkeypatch.setattr(cpu, "ROWS", 16)
+    monkeypatch.setattr(cpu, "ROWS_FULL", 16)
     monkeypatch.setattr(cpu, "BLOCK_K", 16)
     monkeypatch.setattr(blocked, "BLOCK_Q", 8)
     monkeypatch.setattr(blocked, "BLOCK_K", 16)

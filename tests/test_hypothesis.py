@@ -33,8 +33,8 @@ def test_random_problems_match_the_oracle(pb):
 
     torch.manual_seed(pb["seed"])
     # small blocks so that random lengths cross block edges (set by hand: hypothesis reuses the test body)
-    saved = cpu.ROWS, cpu.BLOCK_K, blocked.BLOCK_Q, blocked.BLOCK_K
-    cpu.ROWS, cpu.BLOCK_K, blocked.BLOCK_Q, blocked.BLOCK_K = 8, 8, 4, 8
+    saved = cpu.ROWS, cpu.ROWS_FULL, cpu.BLOCK_K, blocked.BLOCK_Q, blocked.BLOCK_K
+    cpu.ROWS, cpu.ROWS_FULL, cpu.BLOCK_K, blocked.BLOCK_Q, blocked.BLOCK_K = 8, 8, 8, 4, 8
     try:
         q, k, v = make_qkv(pb["batch"], pb["heads"], pb["heads_kv"], pb["q_len"], pb["k_len"], pb["head_dim"])
         kw = dict(window=pb["window"], softcap=pb["softcap"])
@@ -49,4 +49,4 @@ def test_random_problems_match_the_oracle(pb):
         else:
             assert_matches_oracle([fast(q, k, v)], ref[:1])
     finally:
-        cpu.ROWS, cpu.BLOCK_K, blocked.BLOCK_Q, blocked.BLOCK_K = saved
+        cpu.ROWS, cpu.ROWS_FULL, cpu.BLOCK_K, blocked.BLOCK_Q, blocked.BLOCK_K = saved

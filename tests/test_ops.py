@@ -128,6 +128,7 @@ def test_query_blocks_much_taller_than_key_tiles(monkeypatch, dtype, window, sof
     from swattn.ops import cpu
 
     monkeypatch.setattr(cpu, "ROWS", 64)
+    monkeypatch.setattr(cpu, "ROWS_FULL", 64)
     monkeypatch.setattr(cpu, "BLOCK_K", 4)
     check("cpu", 1, 2, 2, 150, 150, 16, window=window, softcap=softcap, dtype=dtype)
     check("cpu", 2, 4, 2, 70, 150, 16, window=window, softcap=softcap, dtype=dtype)
