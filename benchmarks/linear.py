@@ -15,29 +15,18 @@ the same run.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 from swattn.models.layers import Linear
 from swattn.ops import linear
+from swattn.profiling import median_time
 
 # (in_features, out_features) of Gemma 2 2B's layers: q, k/v, o, gate/up, down
 SHAPES = [(2304, 2048), (2304, 1024), (2048, 2304), (2304, 9216), (9216, 2304)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def _median(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _products(x: torch.Tensor, w: torch.Tensor, grad: torch.Tensor, backward: bool):
@@ -104,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             grad = torch.randn(args.rows, n).to(dtype)
             for backward in (False, True):
                 flops = 2 * args.rows * k * n * (3 if backward else 1)
-                rates = {p: flops / _median(fn, args.repeat) / 1e9
+                rates = {p: flops / median_time(fn, repeat=args.repeat) / 1e9
                          for p, fn in _products(x, layer.weight.detach(), grad, backward).items()}
-                ours = flops / _median(_swattn(x, layer, grad, backward), args.repeat) / 1e9
+                ours = flops / median_time(_swattn(x, layer, grad, backward), repeat=args.repeat) / 1e9
                 cells = " ".join(f"{rates[p]:8.0f}" if p in rates else f"{'-':>8}" for p in ("torch", "onednn"))
                 print(f"{k:>6} {n:>6} {name:>5} {'fwd+bwd' if backward else 'fwd':>7} | {ours:8.0f} {cells} | "
                       f"{100 * ours / max(rates.values()):5.0f}%", flush=True)

@@ -665,7 +665,8 @@ inline void native_item(const Problem& pb, const T* q, const T* k, const T* v, T
 
   for (int64_t range = pb.block_ptr[qb]; range < pb.block_ptr[qb + 1]; ++range) {
     for (int64_t j0 = pb.ranges[2 * range]; j0 < pb.ranges[2 * range + 1]; j0 += kNativeKeys) {
-      const int64_t kn = std::min(kNativeKeys, pb.ranges[2 * range + 1] - j0), kpairs = (kn + 1) / 2;
+      const int64_t kn = std::min(kNativeKeys, pb.ranges[2 * range + 1] - j0);
+      [[maybe_unused]] const int64_t kpairs = (kn + 1) / 2;  // bf16 only
       const int64_t* kpos = pb.k_pos ? pb.k_pos + b * pb.Lk + j0 : nullptr;
       float* st = sc.st.data();
       const T* kj = k + b * pb.k_sb + hk * pb.k_sh + j0 * D;
@@ -773,17 +774,12 @@ struct BackwardScratch {
   std::vector<c10::BFloat16> ptb, dsb;
 };
 
+// What both native backwards need per row of a query block: its position, its saved
+// log-sum-exp and delta = dO . O; padding rows (past `rows`) see nothing.
 template <typename T>
-inline void native_backward_block(const Problem& pb, const T* q, const T* k, const T* v, const T* out,
-                                  const T* dout, const float* lse, T* dq, int64_t b, int64_t hk, int64_t qb,
-                                  int64_t i0, int64_t n, int64_t lo, float* dka, float* dva, BackwardScratch& sc) {
-  static_assert(std::is_same_v<T, float>, "bf16 has native_backward_block_bf16");
-  const int64_t D = pb.D, rows = pb.G * n, rp = round_up(rows, 32), dp = round_up(D, 32);
-  const bool softcap = pb.softcap > 0;
-  sc.qt.assign(D * rp, 0.0f);
-  sc.dot.assign(D * rp, 0.0f);
-  sc.qr.assign(rp * dp, 0.0f);
-  sc.dor.assign(rp * dp, 0.0f);
+inline void backward_rows(const Problem& pb, const float* lse, const T* out, const T* dout, int64_t b, int64_t hk,
+                          int64_t i0, int64_t n, int64_t rp, BackwardScratch& sc) {
+  const int64_t rows = pb.G * n;
   sc.pos.assign(rp, std::numeric_limits<int64_t>::min() / 4);
   sc.lse.assign(rp, kNegInf);
   sc.delta.assign(rp, 0.0f);
@@ -791,22 +787,61 @@ inline void native_backward_block(const Problem& pb, const T* q, const T* k, con
     const int64_t g = r / n, i = r % n, row = (b * pb.H + hk * pb.G + g) * pb.Lq + i0 + i;
     sc.pos[r] = pb.q_position(b, i0 + i);
     sc.lse[r] = lse[row];
+    float delta = 0.0f;
+    for (int64_t d = 0; d < pb.D; ++d) delta += static_cast<float>(dout[row * pb.D + d]) * static_cast<float>(out[row * pb.D + d]);
+    sc.delta[r] = delta;
+  }
+}
+
+// One key's P and scale * dS for 16 rows, from its raw scores s (Q.K) and dP (dO.V): P =
+// exp(softcap(scale s) - lse) where `visible`, dS = P (dP - delta) [(1 - tanh^2)], selected
+// (not multiplied) to zero where P is zero, so NaN in an empty slot's K or V never passes.
+struct BackwardLanes {
+  __m512 scale, lse, delta;
+  __mmask16 live;
+  float softcap;
+  BackwardLanes(float sc, const float* l, const float* dl, float cap)
+      : scale(_mm512_set1_ps(sc)), lse(_mm512_loadu_ps(l)), delta(_mm512_loadu_ps(dl)), softcap(cap) {
+    live = _mm512_cmp_ps_mask(lse, _mm512_set1_ps(kNegInf), _CMP_NEQ_OQ);
+  }
+  void operator()(__m512 raw, __m512 dp, __mmask16 visible, __m512& p, __m512& ds) const {
+    __m512 s = _mm512_mul_ps(raw, scale), th = _mm512_setzero_ps();
+    if (softcap > 0) {
+      th = tanh16(_mm512_mul_ps(s, _mm512_set1_ps(1.0f / softcap)));
+      s = _mm512_mul_ps(th, _mm512_set1_ps(softcap));
+    }
+    p = _mm512_maskz_mov_ps(visible & live, exp16(_mm512_sub_ps(s, lse)));
+    const __mmask16 nz = _mm512_cmp_ps_mask(p, _mm512_setzero_ps(), _CMP_NEQ_OQ);
+    ds = _mm512_maskz_mul_ps(nz, p, _mm512_sub_ps(dp, delta));
+    if (softcap > 0) ds = _mm512_mul_ps(ds, _mm512_fnmadd_ps(th, th, _mm512_set1_ps(1.0f)));  // d tanh = 1 - tanh^2
+    ds = _mm512_mul_ps(ds, scale);
+  }
+};
+
+template <typename T>
+inline void native_backward_block(const Problem& pb, const T* q, const T* k, const T* v, const T* out,
+                                  const T* dout, const float* lse, T* dq, int64_t b, int64_t hk, int64_t qb,
+                                  int64_t i0, int64_t n, int64_t lo, float* dka, float* dva, BackwardScratch& sc) {
+  static_assert(std::is_same_v<T, float>, "bf16 has native_backward_block_bf16");
+  const int64_t D = pb.D, rows = pb.G * n, rp = round_up(rows, 32), dp = round_up(D, 32);
+  backward_rows(pb, lse, out, dout, b, hk, i0, n, rp, sc);
+  sc.qt.assign(D * rp, 0.0f);
+  sc.dot.assign(D * rp, 0.0f);
+  sc.qr.assign(rp * dp, 0.0f);
+  sc.dor.assign(rp * dp, 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t g = r / n, i = r % n, row = (b * pb.H + hk * pb.G + g) * pb.Lq + i0 + i;
     const T* qs = q + row * D;
     const T* ds = dout + row * D;
-    const T* os = out + row * D;
-    float delta = 0.0f;
     for (int64_t d = 0; d < D; ++d) {
       sc.qt[d * rp + r] = sc.qr[r * dp + d] = qs[d];
       sc.dot[d * rp + r] = sc.dor[r * dp + d] = ds[d];
-      delta += ds[d] * os[d];
     }
-    sc.delta[r] = delta;
   }
   sc.dqa.assign(rp * dp, 0.0f);
   sc.st.resize(kNativeKeys * rp);
   sc.dpt.resize(kNativeKeys * rp);
   sc.kbuf.resize(kNativeKeys * dp);
-  const __m512 scale = _mm512_set1_ps(pb.scale), neg_inf = _mm512_set1_ps(kNegInf), one = _mm512_set1_ps(1.0f);
 
   for (int64_t range = pb.block_ptr[qb]; range < pb.block_ptr[qb + 1]; ++range) {
     for (int64_t j0 = pb.ranges[2 * range]; j0 < pb.ranges[2 * range + 1]; j0 += kNativeKeys) {
@@ -820,20 +855,13 @@ inline void native_backward_block(const Problem& pb, const T* q, const T* k, con
       gemm_f32<12>(kn, rp, D, vj, D, 1, sc.dot.data(), rp, dpt, rp, false);
       for (int64_t r0 = 0; r0 < rp; r0 += 16) {
         const LaneWindow lanes(sc.pos.data() + r0, pb.window);
-        const __m512 l = _mm512_loadu_ps(sc.lse.data() + r0), dl = _mm512_loadu_ps(sc.delta.data() + r0);
-        const __mmask16 live = _mm512_cmp_ps_mask(l, neg_inf, _CMP_NEQ_OQ);
+        const BackwardLanes grad(pb.scale, sc.lse.data() + r0, sc.delta.data() + r0, pb.softcap);
         for (int64_t j = 0; j < kn; ++j) {
-          __m512 s = _mm512_mul_ps(_mm512_loadu_ps(st + j * rp + r0), scale), th;
-          if (softcap) {
-            th = tanh16(_mm512_mul_ps(s, _mm512_set1_ps(1.0f / pb.softcap)));
-            s = _mm512_mul_ps(th, _mm512_set1_ps(pb.softcap));
-          }
-          const __m512 p = _mm512_maskz_mov_ps(lanes(kpos ? kpos[j] : j0 + j) & live, exp16(_mm512_sub_ps(s, l)));
-          const __mmask16 nz = _mm512_cmp_ps_mask(p, _mm512_setzero_ps(), _CMP_NEQ_OQ);
-          __m512 ds = _mm512_maskz_mul_ps(nz, p, _mm512_sub_ps(_mm512_loadu_ps(dpt + j * rp + r0), dl));
-          if (softcap) ds = _mm512_mul_ps(ds, _mm512_fnmadd_ps(th, th, one));  // d tanh = 1 - tanh^2
+          __m512 p, ds;
+          grad(_mm512_loadu_ps(st + j * rp + r0), _mm512_loadu_ps(dpt + j * rp + r0), lanes(kpos ? kpos[j] : j0 + j),
+               p, ds);
           _mm512_storeu_ps(st + j * rp + r0, p);
-          _mm512_storeu_ps(dpt + j * rp + r0, _mm512_mul_ps(ds, scale));
+          _mm512_storeu_ps(dpt + j * rp + r0, ds);
         }
       }
       gemm_f32<12>(kn, dp, rp, st, rp, 1, sc.dor.data(), dp, dva + (j0 - lo) * dp, dp, true);
@@ -877,24 +905,15 @@ inline void native_backward_block_bf16(const Problem& pb, const c10::BFloat16* q
                                        BackwardScratch& sc) {
   using bf16 = c10::BFloat16;
   const int64_t D = pb.D, rows = pb.G * n, rp = round_up(rows, 32), dp = round_up(D, 32), pairs_d = (D + 1) / 2;
-  const bool softcap = pb.softcap > 0;
+  backward_rows(pb, lse, out, dout, b, hk, i0, n, rp, sc);
   sc.qp.assign(pairs_d * rp, 0u);
   sc.dotp.assign(pairs_d * rp, 0u);
   sc.qrp.assign((rp / 2) * dp, 0u);
   sc.dorp.assign((rp / 2) * dp, 0u);
-  sc.pos.assign(rp, std::numeric_limits<int64_t>::min() / 4);
-  sc.lse.assign(rp, kNegInf);
-  sc.delta.assign(rp, 0.0f);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t g = r / n, i = r % n, row = (b * pb.H + hk * pb.G + g) * pb.Lq + i0 + i;
-    sc.pos[r] = pb.q_position(b, i0 + i);
-    sc.lse[r] = lse[row];
     const bf16* qs = q + row * D;
     const bf16* ds = dout + row * D;
-    const bf16* os = out + row * D;
-    float delta = 0.0f;
-    for (int64_t d = 0; d < D; ++d) delta += static_cast<float>(ds[d]) * static_cast<float>(os[d]);
-    sc.delta[r] = delta;
     for (int64_t p = 0; p < pairs_d; ++p) {
       const bool two = 2 * p + 1 < D;
       sc.qp[p * rp + r] = bf16_bits(qs[2 * p]) | ((two ? bf16_bits(qs[2 * p + 1]) : 0u) << 16);
@@ -913,7 +932,6 @@ inline void native_backward_block_bf16(const Problem& pb, const c10::BFloat16* q
   sc.dsb.resize(kNativeKeys * rp);
   sc.dsp.resize((kNativeKeys / 2) * rp);
   sc.kp.resize((kNativeKeys / 2) * dp);
-  const __m512 scale = _mm512_set1_ps(pb.scale), neg_inf = _mm512_set1_ps(kNegInf), one = _mm512_set1_ps(1.0f);
 
   for (int64_t range = pb.block_ptr[qb]; range < pb.block_ptr[qb + 1]; ++range) {
     for (int64_t j0 = pb.ranges[2 * range]; j0 < pb.ranges[2 * range + 1]; j0 += kNativeKeys) {
@@ -930,20 +948,12 @@ inline void native_backward_block_bf16(const Problem& pb, const c10::BFloat16* q
       gemm_bf16<12>(kn, rp, pairs_d, vrow, vs, 1, sc.dotp.data(), rp, dpt, rp, false);  // dP^T = V dO^T
       for (int64_t r0 = 0; r0 < rp; r0 += 16) {
         const LaneWindow lanes(sc.pos.data() + r0, pb.window);
-        const __m512 l = _mm512_loadu_ps(sc.lse.data() + r0), dl = _mm512_loadu_ps(sc.delta.data() + r0);
-        const __mmask16 live = _mm512_cmp_ps_mask(l, neg_inf, _CMP_NEQ_OQ);
+        const BackwardLanes grad(pb.scale, sc.lse.data() + r0, sc.delta.data() + r0, pb.softcap);
         __m512i prev = _mm512_setzero_si512();  // the even key's dS, bf16 in the low halves
         for (int64_t j = 0; j < kn; ++j) {
-          __m512 s = _mm512_mul_ps(_mm512_loadu_ps(st + j * rp + r0), scale), th;
-          if (softcap) {
-            th = tanh16(_mm512_mul_ps(s, _mm512_set1_ps(1.0f / pb.softcap)));
-            s = _mm512_mul_ps(th, _mm512_set1_ps(pb.softcap));
-          }
-          const __m512 p = _mm512_maskz_mov_ps(lanes(kpos ? kpos[j] : j0 + j) & live, exp16(_mm512_sub_ps(s, l)));
-          const __mmask16 nz = _mm512_cmp_ps_mask(p, _mm512_setzero_ps(), _CMP_NEQ_OQ);
-          __m512 ds = _mm512_maskz_mul_ps(nz, p, _mm512_sub_ps(_mm512_loadu_ps(dpt + j * rp + r0), dl));
-          if (softcap) ds = _mm512_mul_ps(ds, _mm512_fnmadd_ps(th, th, one));
-          ds = _mm512_mul_ps(ds, scale);
+          __m512 p, ds;
+          grad(_mm512_loadu_ps(st + j * rp + r0), _mm512_loadu_ps(dpt + j * rp + r0), lanes(kpos ? kpos[j] : j0 + j),
+               p, ds);
           const __m256i ds16 = (__m256i)_mm512_cvtneps_pbh(ds);
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(sc.ptb.data() + j * rp + r0), (__m256i)_mm512_cvtneps_pbh(p));
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(sc.dsb.data() + j * rp + r0), ds16);
