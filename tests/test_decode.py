@@ -110,6 +110,23 @@ def test_row_ops_match_the_formulas(plus_one, dtype):
     torch.testing.assert_close(got, want, atol=TOL[dtype] * 4, rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_gelu_matches_the_formula(dtype):
+    """Gemma's fused gelu_tanh(gate) * up (taken at inference for any number of rows) against
+    PyTorch's activation in float64, over large, small and negative inputs and odd sizes."""
+    torch.manual_seed(1)
+    gate = (torch.randn(3, 1001) * 4).to(dtype)
+    gate[0, :5] = torch.tensor([0.0, -30.0, 30.0, 1e-4, -1e-4]).to(dtype)
+    up = torch.randn(3, 1001).to(dtype)
+    want = torch.nn.functional.gelu(gate.double(), approximate="tanh") * up.double()
+    got = torch.ops.swattn.gelu_tanh_mul_(gate.clone(), up)
+    # fp32: a few ulps of the fast tanh; bf16: one rounding of the result
+    tol = 1e-6 if dtype == torch.float32 else 2 ** -8
+    assert torch.allclose(got.double(), want, rtol=tol, atol=tol)
+    g = gate.clone()
+    assert torch.ops.swattn.gelu_tanh_mul_(g, up).data_ptr() == g.data_ptr()  # in place
+
+
 KV_TOL = {torch.float32: 2e-5, torch.bfloat16: 1.5e-2, torch.float16: 2e-3, torch.int8: 3e-2}
 
 

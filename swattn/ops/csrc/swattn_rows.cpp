@@ -1,4 +1,4 @@
-// Row-wise layers of the decode step in one call each: RMSNorm and the rotary embedding.
+// Row-wise layers in one call each: RMSNorm, the rotary embedding, Gemma's gated GELU.
 //
 // A decoding step moves a few rows of a few thousand values through each layer; the PyTorch
 // formulas spend a dozen operator calls (and their allocations) per norm on that, more than
@@ -9,6 +9,8 @@
 
 #include <cmath>
 #include <cstdint>
+
+#include "fastmath.h"
 
 namespace swattn {
 namespace {
@@ -84,15 +86,39 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
   return y;
 }
 
+// gate <- gelu_tanh(gate) * up in place (Gemma's GeGLU), computed in fp32 and rounded once.
+// PyTorch's gelu_ then mul_ are two passes over the (tokens x intermediate) activations, the
+// first through a libm tanh: 2048 x 9216 bf16 took 14.5 ms that way, 4.3 ms here. (SwiGLU
+// stays on PyTorch's silu_, whose vectorised form beat this loop's.)
+at::Tensor gelu_tanh_mul_(at::Tensor gate, const at::Tensor& up) {
+  TORCH_CHECK(gate.is_contiguous() && up.is_contiguous() && gate.sizes() == up.sizes() &&
+                  gate.scalar_type() == up.scalar_type(), "gate and up must be contiguous, of one shape and dtype");
+  const int64_t n = gate.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, gate.scalar_type(), "gelu_tanh_mul_", [&] {
+    scalar_t* g = gate.data_ptr<scalar_t>();
+    const scalar_t* u = up.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 1 << 14, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const float x = static_cast<float>(g[i]);
+        const float t = fast_tanh(0.7978845608028654f * (x + 0.044715f * x * x * x));  // sqrt(2 / pi)
+        g[i] = static_cast<scalar_t>(0.5f * x * (1.0f + t) * static_cast<float>(u[i]));
+      }
+    });
+  });
+  return gate;
+}
+
 }  // namespace
 }  // namespace swattn
 
 TORCH_LIBRARY_FRAGMENT(swattn, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps, bool plus_one) -> Tensor");
   m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+  m.def("gelu_tanh_mul_(Tensor(a!) gate, Tensor up) -> Tensor(a!)");
 }
 
 TORCH_LIBRARY_IMPL(swattn, CPU, m) {
   m.impl("rms_norm", &swattn::rms_norm);
   m.impl("rotary", &swattn::rotary);
+  m.impl("gelu_tanh_mul_", &swattn::gelu_tanh_mul_);
 }
