@@ -42,6 +42,12 @@ def median_time(fn: Callable[[], object], repeat: int = 3, warmup: int = 1) -> f
     return statistics.median(times)
 
 
+def best_time(fn: Callable[[], object], repeat: int = 5) -> float:
+    """Shortest wall time of ``fn`` in seconds over ``repeat`` runs, after one untimed call: the
+    rate the hardware reaches (a median would fold a shared machine's noise into a yardstick)."""
+    return min(median_time(fn, repeat=1, warmup=1 if i == 0 else 0) for i in range(repeat))
+
+
 def matmul_rates(dtype: torch.dtype = torch.float32, size: int = 1024, repeat: int = 5) -> dict[str, float]:
     """This machine's square matrix product rate in GFLOP/s, per product: ``{"torch": ..., "onednn": ...}``.
 
@@ -60,9 +66,7 @@ def matmul_rates(dtype: torch.dtype = torch.float32, size: int = 1024, repeat: i
         products["onednn"] = lambda: linear._onednn(a, bt)
     rates = {}
     for name, fn in products.items():
-        fn()
-        best = min(median_time(fn, repeat=1, warmup=0) for _ in range(repeat))
-        rates[name] = 2 * size**3 / best / 1e9
+        rates[name] = 2 * size**3 / best_time(fn, repeat) / 1e9
     return rates
 
 
@@ -85,8 +89,7 @@ def read_bandwidth(nbytes: int = 1 << 30, repeat: int = 5) -> float:
     from swattn.ops import linear
 
     def best_rate(fn, size):
-        fn()
-        return size / min(median_time(fn, repeat=1, warmup=0) for _ in range(repeat)) / 1e9
+        return size / best_time(fn, repeat) / 1e9
 
     x = torch.ones(nbytes // 4)
     rate = best_rate(lambda: x.sum(), nbytes)

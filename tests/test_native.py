@@ -31,13 +31,20 @@ def dtype(request):
     return request.param
 
 
-def check(dtype, batch, heads, heads_kv, q_len, k_len, head_dim, window, softcap=None, q_pos=None, k_pos=None,
-          nan_slots=False):
+def _qkv(dtype, batch, heads, heads_kv, q_len, k_len, head_dim, k_pos=None, nan_slots=False):
+    """Random q, k, v; with ``nan_slots`` NaN in the K/V rows of empty slots (``k_pos < 0``): what
+    an empty cache slot may hold, which the kernel must never let through."""
     shape = lambda h, n: (batch, h, n, head_dim)  # noqa: E731
     q, k, v = (torch.randn(shape(h, n)).to(dtype) for h, n in ((heads, q_len), (heads_kv, k_len), (heads_kv, k_len)))
-    if nan_slots:  # what an empty cache slot may hold: the kernel must never let it through
+    if nan_slots:
         empty = (k_pos < 0).view(batch, 1, k_len, 1).expand_as(k)
         k, v = k.masked_fill(empty, float("nan")), v.masked_fill(empty, float("nan"))
+    return q, k, v
+
+
+def check(dtype, batch, heads, heads_kv, q_len, k_len, head_dim, window, softcap=None, q_pos=None, k_pos=None,
+          nan_slots=False):
+    q, k, v = _qkv(dtype, batch, heads, heads_kv, q_len, k_len, head_dim, k_pos, nan_slots)
     kw = dict(window=window, softcap=softcap, q_pos=q_pos, k_pos=k_pos)
     got = swattn.sliding_window_attention(q, k, v, backend="cpu", **kw)
     clean = (lambda t: t.nan_to_num(0.0)) if nan_slots else (lambda t: t)
@@ -102,12 +109,8 @@ def test_keys_that_are_a_prefix_of_a_larger_buffer(dtype):
 # The native backwards (fp32 on FMA, bf16 on vdpbf16ps with P and dS rounded to bf16), against the oracle.
 def check_grads(dtype, batch, heads, heads_kv, q_len, k_len, head_dim, window, softcap=None, q_pos=None,
                 k_pos=None, nan_slots=False):
-    shape = lambda h, n: (batch, h, n, head_dim)  # noqa: E731
-    q, k, v = (torch.randn(shape(h, n)).to(dtype) for h, n in ((heads, q_len), (heads_kv, k_len), (heads_kv, k_len)))
-    dout = torch.randn(shape(heads, q_len)).to(dtype)
-    if nan_slots:
-        empty = (k_pos < 0).view(batch, 1, k_len, 1).expand_as(k)
-        k, v = k.masked_fill(empty, float("nan")), v.masked_fill(empty, float("nan"))
+    q, k, v = _qkv(dtype, batch, heads, heads_kv, q_len, k_len, head_dim, k_pos, nan_slots)
+    dout = torch.randn(batch, heads, q_len, head_dim).to(dtype)
     kw = dict(window=window, softcap=softcap, q_pos=q_pos, k_pos=k_pos)
     got = run_with_grads(lambda q, k, v: swattn.sliding_window_attention(q, k, v, backend="cpu", **kw), q, k, v, dout)
     if nan_slots:  # an empty slot gets no gradient; the oracle sees zeros there instead of NaN

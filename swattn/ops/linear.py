@@ -17,7 +17,6 @@ too). bf16 products already go through oneDNN inside PyTorch.
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 import torch.nn.functional as F
@@ -82,19 +81,11 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def _onednn_faster() -> bool:
     """Times one (256 x 1024) x (1024 x 1024) product both ways (about 0.1 s in all)."""
+    from swattn.profiling import best_time  # (profiling imports this module inside its functions)
+
     x, w = torch.randn(256, 1024), torch.randn(1024, 1024)
-
-    def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
     try:
-        return best(lambda: _onednn(x, w)) < 0.9 * best(lambda: F.linear(x, w))
+        return best_time(lambda: _onednn(x, w)) < 0.9 * best_time(lambda: F.linear(x, w))
     except RuntimeError:  # a build whose oneDNN cannot run this product
         return False
 

@@ -594,10 +594,11 @@ inline void gemm_bf16(int64_t M, int64_t N, int64_t pairs, const uint32_t* a, in
 }
 #endif
 
-// fp32 V rows for P V: in place where they can be, else copied to (kn x dp) with zeros past D
-// and in the rows of empty slots (which may hold NaN, and 0 * NaN is NaN).
-inline const float* prepare_v(const float* v, int64_t kn, int64_t D, int64_t dp, std::vector<float>& buf,
-                              const int64_t* kpos, int64_t& ldv) {
+// fp32 K or V rows as the B of a product (P V, dS K): in place where they can be, else copied
+// to (kn x dp) with zeros past D and in the rows of empty slots (which may hold NaN, and
+// 0 * NaN is NaN).
+inline const float* rows_for_product(const float* v, int64_t kn, int64_t D, int64_t dp, std::vector<float>& buf,
+                                     const int64_t* kpos, int64_t& ldv) {
   bool empty = false;
   for (int64_t j = 0; kpos && j < kn && !empty; ++j) empty = kpos[j] < 0;
   if (D == dp && !empty) {
@@ -675,7 +676,7 @@ inline void native_item(const Problem& pb, const T* q, const T* k, const T* v, T
       int64_t ldv = 0;
       if constexpr (fp32) {
         scores_t(kj, kn, D, sc.qt.data(), rp, st);
-        vrows = prepare_v(vj, kn, D, dp, sc.vbuf, kpos, ldv);
+        vrows = rows_for_product(vj, kn, D, dp, sc.vbuf, kpos, ldv);
       } else {
 #if defined(__AVX512BF16__)
         scores_t(kj, kn, D, sc.qp.data(), rp, st);
@@ -867,7 +868,7 @@ inline void native_backward_block(const Problem& pb, const T* q, const T* k, con
       gemm_f32<12>(kn, dp, rp, st, rp, 1, sc.dor.data(), dp, dva + (j0 - lo) * dp, dp, true);
       gemm_f32<12>(kn, dp, rp, dpt, rp, 1, sc.qr.data(), dp, dka + (j0 - lo) * dp, dp, true);
       int64_t ldk = 0;
-      const float* krows = prepare_v(kj, kn, D, dp, sc.kbuf, kpos, ldk);
+      const float* krows = rows_for_product(kj, kn, D, dp, sc.kbuf, kpos, ldk);
       gemm_f32<8>(rp, dp, kn, dpt, 1, rp, krows, ldk, sc.dqa.data(), dp, true);
     }
   }
