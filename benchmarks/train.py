@@ -72,7 +72,7 @@ def run_cell(cell: dict) -> dict:
         import swattn
         from swattn.training.loss import linear_cross_entropy
 
-        model = swattn.load(cell["path"], dtype="float32").requires_grad_(True)  # load() is for inference
+        model = swattn.load(cell["path"], dtype="float32", prepack=False).requires_grad_(True)  # load() is for inference
 
         def loss_of(ids):
             h = model.features(ids[:, :-1])

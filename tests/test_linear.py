@@ -1,16 +1,19 @@
-"""The dense linear products' dispatch: oneDNN and PyTorch's default fp32 product, forward and autograd.
+"""The dense linear products' dispatch: oneDNN and PyTorch's default fp32 product, forward and autograd;
+and bf16 weights prepacked in oneDNN's layout.
 
-Both choices are forced in turn and judged against float64, so each is tested on every machine
-whatever the per-process choice would be here.
+Both fp32 choices are forced in turn and judged against float64, so each is tested on every
+machine whatever the per-process choice would be here.
 """
 
+import copy
 import math
+import pickle
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from swattn.models.layers import Linear
+from swattn.models.layers import Linear, PrepackedLinear
 from swattn.ops import linear
 
 CHOICES = [c for c in linear.FP32_PRODUCTS if c != "onednn" or linear._onednn_available()]
@@ -140,3 +143,58 @@ def test_auto_choice_is_one_of_the_products(monkeypatch):
     monkeypatch.setitem(linear._state, "fp32", None)
     monkeypatch.delenv("SWATTN_FP32_PRODUCT", raising=False)
     assert linear.fp32_product() in CHOICES
+
+
+needs_prepack = pytest.mark.skipif(not linear.can_prepack(torch.empty(1, 1, dtype=torch.bfloat16)),
+                                   reason="this CPU's oneDNN has no bf16 arithmetic")
+
+
+def _bf16_close(got, want, inner):
+    """Each element within one rounding to bf16 (half an ulp is 2^-9 relative) of the fp32-accumulated sum."""
+    fp32 = 4 * torch.finfo(torch.float32).eps * math.sqrt(inner) * max([1.0, *want.abs().flatten().tolist()])
+    return got.shape == want.shape and bool(((got.double() - want).abs() <= want.abs() * 2**-8 + fp32).all())
+
+
+@needs_prepack
+@pytest.mark.parametrize("shape,n", SHAPES + [((0, 64), 33), ((2, 0, 48), 7), ((2, 2304), 48), ((16, 96), 2048)])
+def test_prepacked_matches_float64(shape, n):
+    x, w = _inputs(shape, n, n)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    y = PrepackedLinear(wb)(xb)
+    assert y.dtype == torch.bfloat16
+    assert _bf16_close(y, xb.double() @ wb.double().T, shape[-1])
+    strided = torch.randn(*shape[:-1], 2 * shape[-1], dtype=torch.bfloat16)[..., ::2]
+    assert torch.equal(PrepackedLinear(wb)(strided), PrepackedLinear(wb)(strided.contiguous()))
+
+
+@needs_prepack
+def test_prepacked_layers_keep_their_plain_weight_for_state_dicts_copies_and_pickles():
+    w = torch.randn(40, 72, dtype=torch.bfloat16)
+    layer = PrepackedLinear(w)
+    x = torch.randn(5, 72, dtype=torch.bfloat16)
+    assert list(layer.state_dict()) == ["weight"] and torch.equal(layer.state_dict()["weight"], w)
+    for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert torch.equal(twin(x), layer(x)) and torch.equal(twin.dense_weight(), w)
+    other = torch.randn(40, 72, dtype=torch.bfloat16)
+    layer.load_state_dict({"weight": other})
+    assert torch.equal(layer(x), PrepackedLinear(other)(x))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        layer.load_state_dict({"weight": torch.zeros(40, 71, dtype=torch.bfloat16)})
+    with pytest.raises(RuntimeError, match="Missing key"):
+        layer.load_state_dict({})
+    assert layer.to(torch.bfloat16) is layer
+    with pytest.raises(ValueError, match="unpack"):
+        layer.float()
+
+
+@needs_prepack
+def test_prepacked_layers_refuse_what_they_cannot_do():
+    layer = PrepackedLinear(torch.randn(8, 16, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="prepack=False"):
+        layer(torch.randn(2, 16, dtype=torch.bfloat16, requires_grad=True))
+    with pytest.raises(ValueError, match="bf16"):
+        layer(torch.randn(2, 16))
+    with pytest.raises(ValueError, match="cannot prepack"):
+        PrepackedLinear(torch.randn(8, 16))
+    with torch.no_grad():  # no gradient wanted: fine
+        assert layer(torch.randn(2, 16, dtype=torch.bfloat16, requires_grad=True)).shape == (2, 8)

@@ -7,7 +7,11 @@ import torch
 import transformers
 
 from swattn.models.config import ModelConfig
+from swattn.models.layers import Linear, PrepackedLinear
 from swattn.models.loading import load
+from swattn.models.prepack import unpack
+from swattn.models.saving import state_dict_hf
+from swattn.ops.linear import can_prepack
 
 WINDOW = 4
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
@@ -36,6 +40,7 @@ def pair(request, tmp_path_factory):
     hf = tiny_hf_model(request.param)
     single = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(single)
+    hf._swattn_path = single
     sharded = tmp_path_factory.mktemp(request.param + "_sharded")
     hf.save_pretrained(sharded, max_shard_size="100KB")
     assert (sharded / "model.safetensors.index.json").exists()
@@ -130,8 +135,15 @@ def test_long_inputs_take_the_mlp_in_chunks(pair, monkeypatch):
     ids = torch.randint(0, 256, (1, 23))
     with torch.no_grad():
         whole = ours(ids)
-        monkeypatch.setattr(MLP, "CHUNK", 5)
+        monkeypatch.setattr(MLP, "INFERENCE_CHUNK", 5)
         torch.testing.assert_close(ours(ids), whole, atol=1e-5, rtol=1e-5)
+    x = torch.randn(1, 23, ours.cfg.hidden_size, requires_grad=True)
+    mlp = ours.layers[0].mlp
+    whole = mlp(x)
+    monkeypatch.setattr(MLP, "CHUNK", 5)
+    chunked = mlp(x)
+    assert chunked.grad_fn.name() == "CatBackward0" and whole.grad_fn.name() != "CatBackward0"
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
 
 
 def test_last_only_gives_the_last_positions_logits(pair):
@@ -167,3 +179,48 @@ def test_loaded_models_are_ready_for_inference(pair):
     _, _, ours, _ = pair
     assert not any(p.requires_grad for p in ours.parameters())
     assert ours(torch.randint(0, 256, (1, 5))).grad_fn is None  # no graph built by a plain call
+
+
+needs_prepack = pytest.mark.skipif(not can_prepack(torch.empty(1, 1, dtype=torch.bfloat16)),
+                                   reason="this CPU's oneDNN has no bf16 arithmetic")
+
+
+@needs_prepack
+def test_bf16_models_load_prepacked_and_give_the_plain_models_logits(pair, monkeypatch):
+    family, hf, _, _ = pair
+    path = hf._swattn_path
+    packed, plain = load(path, dtype=torch.bfloat16), load(path, dtype=torch.bfloat16, prepack=False)
+    linears = [m for m in packed.modules() if isinstance(m, (Linear, PrepackedLinear))]
+    assert linears and all(isinstance(m, PrepackedLinear) for m in linears)
+    assert (packed.lm_head is None) == (family != "mistral")  # Mistral's untied head is prepacked too
+    assert not any(isinstance(m, PrepackedLinear) for m in plain.modules())
+    ids = torch.randint(0, 256, (2, 13))
+    with torch.no_grad():
+        a, b = packed(ids).double(), plain(ids).double()
+    assert (a - b).abs().max().item() <= 0.02 * b.abs().max().item()
+    assert state_dict_hf(packed, torch.bfloat16).keys() == state_dict_hf(plain, torch.bfloat16).keys()
+    for name, t in state_dict_hf(packed, torch.bfloat16).items():
+        assert torch.equal(t, state_dict_hf(plain, torch.bfloat16)[name]), name
+    monkeypatch.setenv("SWATTN_PREPACK", "0")
+    assert not any(isinstance(m, PrepackedLinear) for m in load(path, dtype=torch.bfloat16).modules())
+    monkeypatch.setenv("SWATTN_PREPACK", "yes")
+    with pytest.raises(ValueError, match="SWATTN_PREPACK"):
+        load(path, dtype=torch.bfloat16)
+    monkeypatch.delenv("SWATTN_PREPACK")
+    assert not any(isinstance(m, PrepackedLinear) for m in load(path).modules())  # fp32: nothing to prepack
+    with pytest.raises(ValueError, match="bf16"):
+        load(path, prepack=True)
+
+
+@needs_prepack
+def test_prepacked_models_refuse_training_until_unpacked(pair):
+    _, hf, _, _ = pair
+    model = load(hf._swattn_path, dtype=torch.bfloat16).requires_grad_(True)
+    ids = torch.randint(0, 256, (1, 9))
+    with pytest.raises(RuntimeError, match="prepack=False"):
+        model(ids)
+    assert unpack(model) > 0
+    assert not any(isinstance(m, PrepackedLinear) for m in model.modules())
+    model.requires_grad_(True)
+    model(ids).float().sum().backward()
+    assert model.layers[0].mlp.down_proj.weight.grad is not None

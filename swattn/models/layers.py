@@ -1,9 +1,10 @@
-"""The model's linear layers: dense (``Linear``) or block-quantized (``QuantLinear``), and a quantized tied embedding.
+"""The model's linear layers: dense (``Linear``), prepacked (``PrepackedLinear``) or block-quantized
+(``QuantLinear``), and a quantized tied embedding.
 
 All go through :mod:`swattn.ops.linear`, which picks the few-row kernels for decoding and
 PyTorch's product for prefill and training. The quantized modules hold their weight in the
-panel layout of :mod:`swattn.quant` (buffers ``qweight`` and ``scales``); they are for
-inference only.
+panel layout of :mod:`swattn.quant` (buffers ``qweight`` and ``scales``), the prepacked ones in
+oneDNN's blocked layout; both are for inference only.
 """
 
 from __future__ import annotations
@@ -25,6 +26,70 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear.dense(x, self.weight)
+
+
+class PrepackedLinear(nn.Module):
+    """A bias-free bf16 linear layer for inference whose weight lives in oneDNN's blocked layout.
+
+    It replaces a :class:`Linear` (the same bytes: the plain weight is not kept) and multiplies
+    faster at every row count (see :mod:`swattn.ops.linear`). ``forward(x)``: ``x``
+    ``(..., in_features)`` bf16 gives ``(..., out_features)``. ``state_dict()`` holds the plain
+    ``weight`` (so saving and ``load_state_dict`` work as for :class:`Linear`); copies and pickles
+    go through it too. No autograd: a forward that needs gradients raises.
+    """
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.packed = linear.prepack(weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, prepacked bf16"
+
+    def dense_weight(self) -> torch.Tensor:
+        """A plain copy of the weight ``(out_features, in_features)``."""
+        return self.packed.to_dense()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError("this layer's weight is prepacked for inference and has no gradient; load the model "
+                               "with prepack=False (or call swattn.models.prepack.unpack(model)) to train it")
+        if x.dtype != torch.bfloat16 or x.device.type != "cpu":
+            raise ValueError(f"a prepacked layer takes bf16 input on the CPU, got {x.dtype} on {x.device}")
+        return linear.prepacked(x, self.packed)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.dense_weight()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "weight"
+        if key not in state_dict:
+            missing_keys.append(key)
+        elif tuple(state_dict[key].shape) != (self.out_features, self.in_features):
+            error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(state_dict[key].shape)}, "
+                              f"the shape in current model is {(self.out_features, self.in_features)}.")
+        else:
+            self.packed = linear.prepack(state_dict[key].to(torch.bfloat16))
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .float() and friends: the opaque tensor is no parameter, so convert it here;
+        # anything but bf16 on the CPU has no prepacked form
+        weight = fn(self.dense_weight())
+        if not linear.can_prepack(weight):
+            raise ValueError(f"prepacked weights stay bf16 on the CPU (asked for {weight.dtype} on {weight.device}); "
+                             "call swattn.models.prepack.unpack(model) first")
+        self.packed = linear.prepack(weight)
+        return self
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["packed"] = self.dense_weight()  # the opaque tensor has no storage to copy or pickle
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.packed = linear.prepack(self.packed)
 
 
 class QuantLinear(nn.Module):

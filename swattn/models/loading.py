@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from swattn import dtypes
+from swattn.models import prepack as prepacking
 from swattn.models import quantize
 from swattn.models.config import ModelConfig
 from swattn.models.layers import QuantLinear
@@ -46,7 +47,8 @@ def _shards(path: Path) -> dict[str, Path]:
 
 
 def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None, weights: str | None = None,
-         head: str | None = None, fuse: bool = True, kv_dtype: torch.dtype | str | None = None) -> CausalLM:
+         head: str | None = None, fuse: bool = True, kv_dtype: torch.dtype | str | None = None,
+         prepack: bool | None = None) -> CausalLM:
     """Loads a Gemma 2, Gemma 3 (text, or the text model of a multimodal one) or Mistral checkpoint directory.
 
     Args:
@@ -62,6 +64,10 @@ def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None,
         fuse: merge quantized q/k/v and gate/up projections into one product each.
         kv_dtype: what the model's caches store keys and values as by default: ``"bf16"``,
             ``"fp16"``, ``"int8"`` (a scale per token and head) or ``"fp32"``; None: its dtype.
+        prepack: hold the dense bf16 linear layers in oneDNN's blocked layout
+            (:mod:`swattn.models.prepack`: the same memory, faster products, inference only);
+            None: ``SWATTN_PREPACK`` (``0``/``1``) if set, else whenever the model is bf16 and the
+            CPU's oneDNN has bf16 arithmetic.
 
     Returns:
         The model in eval mode, ready for inference: no parameter requires a gradient, so a
@@ -100,6 +106,7 @@ def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None,
         weights, head = stored.get("weights"), stored.get("head")
     weights, head = quantize.check(weights, head)
     kv_dtype = dtypes.kv_dtype(kv_dtype)
+    prepack = prepacking.wanted(dtype, prepack)
     with torch.device("meta"):
         model = CausalLM(cfg).to(dtype)
         dense_layers = quantize.restructure(model, weights, head) if weights else []
@@ -151,6 +158,8 @@ def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None,
     model.requires_grad_(False)
     if weights and fuse:
         quantize.fuse_projections(model)
+    if prepack:
+        prepacking.prepack(model)
     model.dense_layers = dense_layers
     model.kv_dtype = kv_dtype
     model.path = path

@@ -113,7 +113,7 @@ def write_checkpoint(src: str | Path, out: str | Path, weights: str, head: str |
     src, out = Path(src), Path(out)
     if out.resolve() == src.resolve():
         raise ValueError("--out must differ from --model (the source is read while the copy is written)")
-    model = load(src, dtype=dtype, weights=weights, head=head, fuse=False)
+    model = load(src, dtype=dtype, weights=weights, head=head, fuse=False, prepack=False)
     tensors: dict[str, torch.Tensor] = {}
     count = 0
     items = list(model.state_dict().items())

@@ -16,7 +16,7 @@ from torch import nn
 from swattn import dtypes
 from swattn.cache import ModelCache
 from swattn.models.config import ModelConfig, Rope
-from swattn.models.layers import Linear, QuantEmbedding, QuantLinear
+from swattn.models.layers import Linear, PrepackedLinear, QuantEmbedding, QuantLinear
 from swattn.ops import cpu, linear
 from swattn.ops.api import sliding_window_attention
 
@@ -166,10 +166,14 @@ class MLP(nn.Module):
     """Gated MLP: GeGLU (tanh GELU) for Gemma, SwiGLU for Mistral.
 
     Long inputs go through in chunks of ``CHUNK`` tokens: the (tokens x intermediate)
-    activations are the largest tensors of a long prefill, and need not exist all at once.
+    activations are the largest tensors of a long prefill, and need not exist all at once. At
+    inference the chunks are smaller, since the products run faster while their output stays in
+    the last-level cache (2304 x 9216 bf16 on 2 Zen 5 cores: 971 GFLOP/s at 512 or 1024 rows,
+    865 at 2048); training keeps long chunks, as each chunk adds a weight-gradient product.
     """
 
     CHUNK = 2048
+    INFERENCE_CHUNK = 512
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -180,8 +184,9 @@ class MLP(nn.Module):
         self.silu = cfg.activation == "silu"
 
     def forward(self, x):
-        if x.shape[1] > self.CHUNK:
-            return torch.cat([self.forward(part) for part in x.split(self.CHUNK, dim=1)], dim=1)
+        chunk = self.CHUNK if torch.is_grad_enabled() and x.requires_grad else self.INFERENCE_CHUNK
+        if x.shape[1] > chunk:
+            return torch.cat([self.forward(part) for part in x.split(chunk, dim=1)], dim=1)
         if self.gate_up_proj is not None:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
@@ -299,6 +304,9 @@ class CausalLM(nn.Module):
         head = self.embed_tokens if self.lm_head is None else self.lm_head
         if isinstance(head, QuantLinear):
             raise ValueError("this model's head is quantized; training and dense-head uses need dense weights")
+        if isinstance(head, PrepackedLinear):
+            raise ValueError("this model's head is prepacked for inference; load it with prepack=False (or call "
+                             "swattn.models.prepack.unpack(model)) for training and dense-head uses")
         return head.weight
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -306,7 +314,7 @@ class CausalLM(nn.Module):
         head = self.embed_tokens if self.lm_head is None else self.lm_head
         if isinstance(head, QuantEmbedding):
             logits = head.project(x)
-        elif isinstance(head, QuantLinear):
+        elif isinstance(head, (QuantLinear, PrepackedLinear)):
             logits = head(x)
         else:
             logits = linear.dense(x, head.weight)

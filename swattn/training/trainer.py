@@ -257,7 +257,7 @@ class _Run:
         if args.init:
             from swattn.models.loading import load
 
-            model = load(args.init, dtype="float32")
+            model = load(args.init, dtype="float32", prepack=False)
             hf = json.loads((Path(args.init) / "config.json").read_text())
             if args.window is not None:
                 model.set_local_window(args.window)
