@@ -30,6 +30,16 @@ def attention_flops(n: int, window: int | None, heads: int, head_dim: int, backw
     return fwd * (3.5 if backward else 1.0)
 
 
+def prefill_flops(cfg, begin: int, end: int) -> float:
+    """FLOPs of running positions ``begin .. end-1`` through a model (its ``ModelConfig``) after
+    ``begin`` cached ones: the projections and MLP of every token in every layer, and each layer's
+    attention over what each query sees (window-aware; the LM head not counted)."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    per_token = 2 * (2 * h * cfg.num_heads * d + 2 * h * cfg.num_kv_heads * d + 3 * h * cfg.intermediate_size)
+    pairs = sum(attention_pairs(end, w) - attention_pairs(begin, w) for w in cfg.windows)
+    return float(per_token * (end - begin) * cfg.num_layers + 4 * cfg.num_heads * d * pairs)
+
+
 def median_time(fn: Callable[[], object], repeat: int = 3, warmup: int = 1) -> float:
     """Median wall time of ``fn`` in seconds, after ``warmup`` untimed calls."""
     for _ in range(warmup):

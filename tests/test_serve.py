@@ -295,3 +295,52 @@ def test_quantized_weights_and_int8_caches_serve_what_generate_gives(model_dir):
         assert got["choices"][0]["text"] == want
     finally:
         stop_server(proc)
+
+
+def test_prefill_flops_add_up_and_count_what_each_query_sees():
+    from swattn.profiling import prefill_flops
+
+    cfg = load().cfg  # the built-in model: local layers of window 256 and global ones
+    assert prefill_flops(cfg, 0, 300) + prefill_flops(cfg, 300, 700) == pytest.approx(prefill_flops(cfg, 0, 700))
+    one = prefill_flops(cfg, 1000, 1001) - prefill_flops(cfg, 10, 11)  # the same token, further along
+    seen = sum((1001 if w is None else min(w, 1001)) - (11 if w is None else min(w, 11)) for w in cfg.windows)
+    assert one == pytest.approx(4 * cfg.num_heads * cfg.head_dim * seen)
+
+
+def _engine_with_a_stream(model_dir, prompt_chunk=64):
+    from swattn.generate import Sampling
+    from swattn.serve.engine import Engine, Request
+
+    engine = Engine(load(model_dir, dtype="float32"), parallel=3, ctx_size=512, prefill_chunk=prompt_chunk,
+                    prefix_cache_bytes=0)
+    make = lambda n: Request(prompt=list(range(3, 3 + n)), max_tokens=200, sampling=Sampling(),  # noqa: E731
+                             on_event=lambda kind, data: None, ignore_eos=True)
+    stream = make(10)
+    engine.submit(stream)
+    for _ in range(3):
+        engine.step()  # prefilled, then decoding: the engine has measured both kinds of step
+    assert engine.slots[0].decoding and engine._flop_s is not None and engine._decode_s
+    return engine, make
+
+
+def test_long_prompts_are_chunked_to_keep_the_streams_pace_and_short_ones_go_whole(model_dir):
+    from swattn.profiling import prefill_flops
+    from swattn.serve.engine import MIN_CHUNK
+
+    engine, make = _engine_with_a_stream(model_dir)
+    # a slow prefill estimate: a long prompt gets MIN_CHUNK tokens per step beside the stream
+    engine._flop_s = 1.0
+    long, short = make(300), make(60)
+    engine.submit(long)
+    engine.step()
+    assert engine.slots[1].prefilled == MIN_CHUNK
+    engine.submit(short)  # fits in one chunk: prefilled in one step, though it slows that step
+    engine.step()
+    assert engine.slots[2].prefilled == 60 and engine.slots[1].prefilled == MIN_CHUNK
+    # a fast one: as many tokens as fit in (itl_factor - 1) decode steps' time, fewer deeper in
+    rows = 2
+    engine._flop_s = engine._prefill_seconds(rows) / prefill_flops(engine.model.cfg, 0, 40) / 1.0001
+    near = engine._fit(0, 64, engine._prefill_seconds(rows), least=0)
+    far = engine._fit(400, 464, engine._prefill_seconds(rows), least=0)
+    assert near == 40 and 400 < far < 440
+    assert engine._fit(400, 464, -1.0, least=MIN_CHUNK) == 400 + MIN_CHUNK

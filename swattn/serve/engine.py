@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from swattn.generate import Sampling, choose
+from swattn.profiling import prefill_flops
 from swattn.serve.metrics import Metrics
 from swattn.serve.prefix import PrefixStore
 from swattn.streaming import TextStream
@@ -82,8 +83,11 @@ class Engine:
         ctx_size: positions per slot (prompt + completion).
         prefill_chunk: prompt tokens prefilled per engine step, across all slots, at most.
         itl_factor: while streams decode, each step's prefill delays every stream's next token,
-            so it is sized (from the measured times of decode steps and of prefill tokens) to keep
-            a step within this many decode steps' time (Sarathi-style; at least ``MIN_CHUNK``).
+            so a prompt longer than ``prefill_chunk`` is prefilled in chunks sized to keep a step
+            within this many decode steps' time (Sarathi-style; at least ``MIN_CHUNK`` tokens),
+            from the measured times of decode steps (by row count) and of prefill FLOPs, which
+            grow with the context each chunk attends to. A prompt of up to ``prefill_chunk``
+            tokens is prefilled in one step.
         max_queue: requests that may wait for a slot before new ones are refused.
         prefix_cache_bytes: memory for saved prefixes (0: no reuse).
         snapshot_every: a prompt's caches are saved every this many tokens (and at its end).
@@ -104,8 +108,9 @@ class Engine:
         if not itl_factor > 1:
             raise ValueError(f"itl_factor must be > 1, got {itl_factor}")
         self.itl_factor = itl_factor
-        self._decode_s: float | None = None  # moving averages: a decode step, a prefilled token
-        self._token_s: float | None = None
+        # moving averages: a decode step's seconds by its row count, seconds per prefill FLOP
+        self._decode_s: dict[int, float] = {}
+        self._flop_s: float | None = None
         self.stop_tokens = set(model.stop_tokens)
         self.cache = model.new_cache(parallel, capacity=ctx_size)
         self.slots = [_Slot(i, self.cache.row(i)) for i in range(parallel)]
@@ -241,29 +246,39 @@ class Engine:
             cache.forget_extent()  # global layers attend up to the furthest active position only
             parts.append((ids, pos, cache))
             jobs.append(("decode", active, 0))
-        budget, chunk_tokens = self._prefill_budget(bool(active)), 0
+        # prompt chunks: prefill_chunk tokens per step across slots; while streams decode, a
+        # prompt longer than that gets only what keeps the step within itl_factor decode steps
+        # (one that fits in a chunk goes whole, once, as llama.cpp and vLLM take it, and first,
+        # then the long ones by arrival)
+        limit = self._prefill_seconds(len(active)) if active else None
+        tokens, flops = 0, 0.0
         for slot in sorted((s for s in self.slots if s.request is not None and not s.decoding),
-                           key=lambda s: s.request.arrived):
-            if budget <= 0:
+                           key=lambda s: (len(s.request.prompt) > self.prefill_chunk, s.request.arrived)):
+            if tokens >= self.prefill_chunk:
                 break
             prompt, begin = slot.request.prompt, slot.prefilled
             # one chunk per slot per step, ending at a snapshot boundary when it meets one
-            end = min(len(prompt), begin + budget, (begin // self.snapshot_every + 1) * self.snapshot_every)
+            end = min(len(prompt), begin + self.prefill_chunk - tokens,
+                      (begin // self.snapshot_every + 1) * self.snapshot_every)
+            if limit is not None and len(prompt) > self.prefill_chunk:
+                end = self._fit(begin, end, limit - flops * self._flop_s, least=MIN_CHUNK if not tokens else 0)
+                if end <= begin:
+                    continue
             parts.append((torch.tensor([prompt[begin:end]]), torch.arange(begin, end).view(1, -1), slot.view))
             jobs.append(("prefill", slot, end))
-            budget -= end - begin
-            chunk_tokens += end - begin
+            tokens += end - begin
+            flops += prefill_flops(self.model.cfg, begin, end)
         if not parts:
             return
         began = time.perf_counter()
         logits = self.model.forward_packed(parts)
         took = time.perf_counter() - began
-        if not chunk_tokens:
-            self._decode_s = _average(self._decode_s, took)
+        if not tokens:
+            self._decode_s[len(active)] = _average(self._decode_s.get(len(active)), took)
         elif not active:
-            self._token_s = _average(self._token_s, took / chunk_tokens)
-        elif self._decode_s is not None:
-            self._token_s = _average(self._token_s, max(took - self._decode_s, 0.0) / chunk_tokens)
+            self._flop_s = _average(self._flop_s, took / flops)
+        elif len(active) in self._decode_s:
+            self._flop_s = _average(self._flop_s, max(took - self._decode_s[len(active)], 0.0) / flops)
         for (kind, who, end), rows in zip(jobs, logits):
             if kind == "decode":
                 for s in who:
@@ -282,13 +297,25 @@ class Engine:
                 slot.last_emit = time.perf_counter()
                 self._emit(slot, self._sample(slot, rows[0:1]))
 
-    def _prefill_budget(self, decoding: bool) -> int:
-        """Prompt tokens for this step: all of ``prefill_chunk`` when no stream decodes; otherwise
-        what keeps the step within ``itl_factor`` decode steps' time."""
-        if not decoding or self._decode_s is None or self._token_s is None:
-            return self.prefill_chunk
-        fit = int((self.itl_factor - 1) * self._decode_s / self._token_s)
-        return max(MIN_CHUNK, min(self.prefill_chunk, fit))
+    def _prefill_seconds(self, rows: int) -> float | None:
+        """What a step's long-prompt chunks may take beside ``rows`` decoding rows (None: not measured yet)."""
+        if self._flop_s is None or not self._decode_s:
+            return None
+        # a decode step of this many rows, else of the nearest count measured
+        decode = self._decode_s.get(rows) or self._decode_s[min(self._decode_s, key=lambda n: abs(n - rows))]
+        return (self.itl_factor - 1) * decode
+
+    def _fit(self, begin: int, end: int, seconds: float, least: int) -> int:
+        """The furthest position in ``begin .. end`` whose chunk from ``begin`` takes at most ``seconds``
+        (estimated from its FLOPs, which grow with the context the chunk attends to), at least ``least`` tokens."""
+        cfg, low, high = self.model.cfg, begin, end
+        while low < high:
+            mid = (low + high + 1) // 2
+            if prefill_flops(cfg, begin, mid) * self._flop_s <= seconds:
+                low = mid
+            else:
+                high = mid - 1
+        return max(low, min(end, begin + least))
 
     def _sample(self, slot: _Slot, logits: torch.Tensor) -> int:
         return int(choose(logits, slot.request.sampling, slot.generator)[0])
