@@ -13,7 +13,8 @@ up front. Every engine step:
    tokens per step are bounded so that the streams already running keep their pace
    (chunked prefill, Sarathi-style).
 
-Requests talk to the HTTP layer through ``on_event`` callbacks, called from this thread.
+Requests talk to the HTTP layer through ``on_event`` callbacks, called from this thread; the
+``step_listeners`` are called after each step (and after ``stop``), when its events are out.
 """
 
 from __future__ import annotations
@@ -127,6 +128,9 @@ class Engine:
         self._running = False
         self._thread: threading.Thread | None = None
         self.steps = 0  # engine steps that did work (tests and benchmarks read it)
+        # called (from the engine thread) after each step's events: an HTTP layer hands them on
+        # in one go rather than waking its event loop for every token
+        self.step_listeners: list[Callable[[], None]] = []
 
     # ---- the HTTP side -------------------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -174,6 +178,7 @@ class Engine:
                 self._finish(slot, "cancelled")
         while self._waiting:
             _drop(self._waiting.popleft())
+        self._stepped()
 
     @property
     def busy(self) -> bool:
@@ -195,6 +200,12 @@ class Engine:
                         if slot.request is not None:
                             slot.request.on_event("error", f"engine failure: {exc}")
                             self._release(slot)
+                finally:
+                    self._stepped()
+
+    def _stepped(self) -> None:
+        for listener in self.step_listeners:
+            listener()
 
     def step(self) -> None:
         """One engine step: admissions, then one pass over the weights for the decoding rows and prompt chunks."""
