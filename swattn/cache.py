@@ -282,7 +282,8 @@ class _LayerCache:
         if (k.shape[:2] != self.k.shape[:2] or k.shape[3] != self.k.shape[3] or k.dtype != self.k.dtype
                 or len(state.tensors) != len(self._buffers())):
             raise ValueError(f"cannot restore a state of shape {tuple(k.shape)} into a cache of shape {tuple(self.k.shape)}")
-        if isinstance(self, RingCache) and k.shape[2] != self.k.shape[2]:
+        if isinstance(self, RingCache) and k.shape[2] != self.k.shape[2] and not (
+                k.shape[2] < self.k.shape[2] and int(state.tensors[3].max()) < k.shape[2]):
             raise ValueError(f"cannot restore a ring of {k.shape[2]} slots into a ring of {self.k.shape[2]}")
         self._restore_buffers(state.tensors)
         self.dense = state.dense
@@ -330,6 +331,30 @@ class RingCache(_LayerCache):
         keep = (pos >= 0) & (pos > pos.amax(dim=1, keepdim=True) - self.window)
         self._store(k, v, pos, keep, pos % self.window)
         return keys, values, key_pos
+
+    def save(self) -> CacheState:
+        """Gives a copy of the ring's state: only its first slots while it has not come round yet
+        (a 512-token prompt's state in a 4096-slot ring: an eighth of the bytes)."""
+        n = int(self.last_pos.max()) + 1  # positions < window sit in slots 0 .. n - 1
+        if n >= self.window:
+            return super().save()
+        parts = tuple(t.clone() if t is self.last_pos else (t[:, :n] if t is self.slot_pos else t[:, :, :n]).clone()
+                      for t in self._buffers())
+        return CacheState("RingCache", parts, self.dense)
+
+    def _restore_buffers(self, tensors: tuple[torch.Tensor, ...]) -> None:
+        n = tensors[0].shape[2]
+        if n == self.k.shape[2]:
+            return super()._restore_buffers(tensors)
+        for buf, saved in zip(self._buffers(), tensors):  # a ring saved before it came round
+            if buf is self.last_pos:
+                buf.copy_(saved)
+            elif buf is self.slot_pos:
+                buf[:, :n].copy_(saved)
+                buf[:, n:].fill_(-1)
+            else:
+                buf[:, :, :n].copy_(saved)
+                buf[:, :, n:].zero_()
 
     def _update_aligned(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
         """The ring's tokens in time order, then the chunk's: slot p % window holds position p,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import swattn
-from swattn.cache import FullCache, ModelCache, RingCache
+from swattn.cache import CacheState, FullCache, ModelCache, RingCache
 from swattn.models.config import layer_windows
 
 W = 7
@@ -111,6 +111,31 @@ def test_saved_prefix_restored_then_continued_equals_the_uninterrupted_run(cache
         want = layer.attend(q[:, :, prefix:], k[:, :, prefix:], v[:, :, prefix:], pos[:, prefix:])
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
     assert rest > W
+
+
+@pytest.mark.parametrize("prefix", [1, W - 3, W - 1, W, W + 2])
+def test_a_ring_saved_before_it_came_round_keeps_only_its_used_slots(prefix):
+    q, k, v, pos = text(pad=(0, 0))
+    ring = RingCache(2, HEADS_KV, DIM, W)
+    ring.attend(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix], pos[:, :prefix], aligned=True)
+    state = ring.save()
+    assert state.tensors[0].shape[2] == min(prefix, W)  # a full ring once it has come round
+    noise = [torch.randn_like(t[:, :, prefix:]) for t in (q, k, v)]
+    ring.attend(*noise, pos[:, prefix:], aligned=True)  # another continuation, then back
+    ring.restore(state)
+    fresh = RingCache(2, HEADS_KV, DIM, W)
+    fresh.attend(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix], pos[:, :prefix], aligned=True)
+    for sl, aligned in ((slice(prefix, prefix + 2), False), (slice(prefix + 2, prefix + 3), False)):
+        got = ring.attend(q[:, :, sl], k[:, :, sl], v[:, :, sl], pos[:, sl], aligned=aligned)
+        want = fresh.attend(q[:, :, sl], k[:, :, sl], v[:, :, sl], pos[:, sl], aligned=aligned)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    for t, f in zip((ring.k, ring.v, ring.slot_pos, ring.last_pos), (fresh.k, fresh.v, fresh.slot_pos, fresh.last_pos)):
+        assert torch.equal(t, f)
+    if prefix < W:  # a short state is only ever a ring's first slots
+        tampered = list(state.tensors)
+        tampered[3] = torch.full_like(tampered[3], W + 5)
+        with pytest.raises(ValueError, match="ring"):
+            RingCache(2, HEADS_KV, DIM, W).restore(CacheState("RingCache", tuple(tampered), None))
 
 
 @pytest.mark.parametrize("how", ["decode", "one chunk"])
