@@ -167,7 +167,7 @@ def test_a_shared_prefix_is_reused_and_gives_the_cold_tokens(client, reference):
                                        temperature=0)
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     cached = second.usage.prompt_tokens_details.cached_tokens
-    assert cached >= 150 and cached % 32 == 0  # a snapshot every 32 tokens of the shared prefix
+    assert cached == 128  # the last snapshot boundary (32, 64, 128, 256: doubling) in the ~180 shared tokens
     assert second.choices[0].text == reference(prompt=LONG_PREFIX + "another one", max_tokens=8)[0]
     again = client.completions.create(model="serve", prompt=LONG_PREFIX + "first question", max_tokens=8,
                                       temperature=0)
@@ -344,3 +344,12 @@ def test_long_prompts_are_chunked_to_keep_the_streams_pace_and_short_ones_go_who
     far = engine._fit(400, 464, engine._prefill_seconds(rows), least=0)
     assert near == 40 and 400 < far < 440
     assert engine._fit(400, 464, -1.0, least=MIN_CHUNK) == 400 + MIN_CHUNK
+
+
+def test_snapshot_boundaries_double(model_dir):
+    from swattn.serve.engine import Engine
+
+    engine = Engine(load(model_dir, dtype="float32"), parallel=1, ctx_size=512, snapshot_every=32,
+                    prefix_cache_bytes=0)
+    assert [engine._next_snapshot(p) for p in (0, 31, 32, 63, 64, 127, 128, 300)] == [32, 32, 64, 64, 128, 128, 256,
+                                                                                      512]
