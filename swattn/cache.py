@@ -22,10 +22,13 @@ from dataclasses import dataclass
 import torch
 
 from swattn.ops import cpu, linear
-from swattn.ops.api import sliding_window_attention
+from swattn.ops.api import merge_partials, sliding_window_attention
 from swattn.ops.validate import check_window
 
 INITIAL_CAPACITY = 256  # a growable FullCache starts here and doubles
+# aligned chunks of up to window / SMALL_CHUNK_RATIO tokens attend over a ring in place (two
+# parts merged) rather than copying it into time order: measured faster up to 256 of 4096
+SMALL_CHUNK_RATIO = 16
 # what keys and values may be stored as (kv_dtype); int8 with a float scale per token and head
 KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
 
@@ -208,6 +211,8 @@ class _LayerCache:
             return self._decode(q, k, v, pos, softcap, scale, aligned)
         if aligned and self.dense is not None and (k.shape[2] > 1 or self.ALIGNED_DECODE):
             pos = self._check(k, v, pos, aligned=True)
+            if self._small_chunk(k.shape[2]):
+                return self._attend_small(q, k, v, pos, softcap, scale)
             keys, values = self._update_aligned(k, v, pos)
             self.dense += k.shape[2]
             return sliding_window_attention(q, keys, values, self.window, softcap=softcap, scale=scale)
@@ -218,6 +223,12 @@ class _LayerCache:
         return sliding_window_attention(
             q, keys, values, self.window, softcap=softcap, scale=scale, q_pos=q_pos.to(key_pos.device), k_pos=key_pos
         )
+
+    def _small_chunk(self, n: int) -> bool:
+        return False
+
+    def _attend_small(self, q, k, v, pos, softcap, scale) -> torch.Tensor:
+        raise NotImplementedError
 
     def _decode(self, q, k, v, pos, softcap, scale, aligned) -> torch.Tensor:
         """One token per row through the compiled decode step: store, then attend, in one call."""
@@ -332,6 +343,26 @@ class RingCache(_LayerCache):
         self._store(k, v, pos, keep, pos % self.window)
         return keys, values, key_pos
 
+    def _small_chunk(self, n: int) -> bool:
+        # a chunk much shorter than the window: attend without putting the ring in time order
+        return 1 < n and n * SMALL_CHUNK_RATIO <= self.window and self.dense > 0
+
+    def _attend_small(self, q, k, v, pos, softcap, scale) -> torch.Tensor:
+        """A short aligned chunk: its queries over the ring's keys as they lie (by position) and over
+        its own keys, merged by log-sum-exp, then the chunk stored.
+
+        The time-ordered path copies the whole ring per chunk (rolled, then the chunk appended):
+        a 16-token chunk of a long prompt beside decoding streams spent 6 of its 30 ms there
+        (4096-slot bf16 ring, 4 kv heads of 256); this reads the ring in place.
+        """
+        kw = dict(softcap=softcap, scale=scale, return_lse=True)
+        old, old_lse = sliding_window_attention(q, self._stored("k"), self._stored("v"), self.window, q_pos=pos,
+                                                k_pos=self.slot_pos, **kw)
+        own, own_lse = sliding_window_attention(q, k, v, self.window, **kw)
+        self._update_aligned_store(k, v, pos)
+        self.dense += k.shape[2]
+        return merge_partials(old, old_lse, own, own_lse)[0].to(q.dtype)
+
     def save(self) -> CacheState:
         """Gives a copy of the ring's state: only its first slots while it has not come round yet
         (a 512-token prompt's state in a 4096-slot ring: an eighth of the bytes)."""
@@ -360,7 +391,7 @@ class RingCache(_LayerCache):
         """The ring's tokens in time order, then the chunk's: slot p % window holds position p,
         so the ring read from slot ``dense % window`` onwards and round is positions
         ``dense - window .. dense - 1`` (or slots ``0 .. dense - 1`` before it has filled)."""
-        start, window, chunk = self.dense, self.window, k.shape[2]
+        start, window = self.dense, self.window
         if start <= window:
             older_k, older_v = self._stored("k", start), self._stored("v", start)
         else:
@@ -369,13 +400,18 @@ class RingCache(_LayerCache):
             older_k = torch.cat([ring_k[:, :, r:], ring_k[:, :, :r]], dim=2)
             older_v = torch.cat([ring_v[:, :, r:], ring_v[:, :, :r]], dim=2)
         keys, values = torch.cat([older_k, k], dim=2), torch.cat([older_v, v], dim=2)
-        kept = min(chunk, window)  # the chunk's last `window` tokens stay, at slot p % window
+        self._update_aligned_store(k, v, pos)
+        return keys, values
+
+    def _update_aligned_store(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        """Stores an aligned chunk after the ring's ``dense`` tokens: its last ``window`` tokens, at slot p % window."""
+        start, window, chunk = self.dense, self.window, k.shape[2]
+        kept = min(chunk, window)
         first = start + chunk - kept
         slots = torch.arange(first, first + kept, device=self.k.device) % window
         self._put((slice(None), slice(None), slots), k[:, :, chunk - kept:], v[:, :, chunk - kept:])
         self.slot_pos[:, slots] = pos[:, chunk - kept:]
         self.last_pos.fill_(start + chunk - 1)
-        return keys, values
 
     def _store_one(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
         """The decode step: one indexed write per buffer, no host synchronisation, padding rows kept as they were.

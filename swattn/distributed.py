@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from swattn.ops.api import _rows_contiguous, _select_backend
+from swattn.ops.api import _rows_contiguous, _select_backend, merge_partials
 from swattn.ops.validate import check_problem
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
@@ -139,18 +139,6 @@ def _exchange(sends: list[tuple[int, torch.Tensor]], recvs: list[tuple[int, torc
     return dist.batch_isend_irecv(ops) if ops else []
 
 
-def _merge(o1, l1, o2, l2):
-    """Exact merge of two partial attentions over disjoint key sets (outputs, log-sum-exps)."""
-    m = torch.maximum(l1, l2)
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # rows that see no key at all
-    w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)
-    total = w1 + w2
-    lse = torch.where(total > 0, m + torch.log(total), torch.full_like(m, float("-inf")))
-    denom = torch.where(total > 0, total, torch.ones_like(total)).unsqueeze(-1)
-    out = (o1.float() * w1.unsqueeze(-1) + o2.float() * w2.unsqueeze(-1)) / denom
-    return out, lse
-
-
 @dataclass
 class _Foreign:
     """Keys of another rank's slice that this rank attends over: its local indices ``[first, last)``."""
@@ -247,7 +235,7 @@ class _Attention(torch.autograd.Function):
             if out is None:  # the first set is the rank's own keys: every row
                 out, lse = o.float(), l
             else:
-                out[:, :, rows], lse[:, :, rows] = _merge(out[:, :, rows], lse[:, :, rows], o, l)
+                out[:, :, rows], lse[:, :, rows] = merge_partials(out[:, :, rows], lse[:, :, rows], o, l)
         # global layers: attend later ranks' queries over this rank's keys for them, and take the
         # results of earlier ranks that attended this rank's queries over theirs (the load balance)
         sends, served_problems = [], []
@@ -260,7 +248,7 @@ class _Attention(torch.autograd.Function):
         for req in _exchange(sends, recvs, group):
             req.wait()
         for n in range(0, len(recvs), 2):
-            out, lse = _merge(out, lse, recvs[n][1], recvs[n + 1][1])
+            out, lse = merge_partials(out, lse, recvs[n][1], recvs[n + 1][1])
         ctx.save_for_backward(q, out.to(q.dtype), lse)
         ctx.parts, ctx.problems, ctx.served_problems, ctx.impl = parts, problems, served_problems, impl
         return out.to(q.dtype), lse

@@ -66,6 +66,44 @@ def test_chunks_of_any_size_equal_one_full_pass(cache_kind, sizes):
     assert (got[1, :, :4] == 0).all()  # row 1's padding
 
 
+@pytest.mark.parametrize("softcap", [None, 20.0])
+@pytest.mark.parametrize("kv_dtype", [None, torch.bfloat16])
+def test_short_aligned_chunks_read_the_ring_in_place_and_match_one_pass(softcap, kv_dtype, monkeypatch):
+    """Chunks of 2 and 3 tokens into a 48-slot ring (at most window / 16 tokens take the in-place
+    path, which merges the ring's part and the chunk's own by log-sum-exp), before and after it
+    comes round, mixed with single tokens and longer chunks (the time-ordered path): the same
+    as one pass (fp32 caches) and as the time-ordered path alone (bf16 caches, whose stored keys
+    are rounded while a chunk's own are not, on both paths)."""
+    import swattn.cache as cache_module
+
+    window = 48
+    q, k, v, pos = text(pad=(0, 0), length=3 * window + 7)
+    sizes, start = [], 0
+    for size in [5, 2, 3, 1, 2, 4, 3, 30, 2, 3, 4, 1] * 9:
+        size = min(size, q.shape[2] - start)
+        if size > 0:
+            sizes.append(size)
+            start += size
+
+    def run():
+        ring, outs, start = RingCache(2, HEADS_KV, DIM, window, kv_dtype=kv_dtype), [], 0
+        for size in sizes:
+            s = slice(start, start + size)
+            outs.append(ring.attend(q[:, :, s], k[:, :, s], v[:, :, s], pos[:, s], softcap=softcap, aligned=True))
+            start += size
+        return torch.cat(outs, dim=2)
+
+    taken = []
+    real = RingCache._attend_small
+    monkeypatch.setattr(RingCache, "_attend_small", lambda self, *a: taken.append(1) or real(self, *a))
+    got = run()
+    assert len(taken) >= 10 and 3 * cache_module.SMALL_CHUNK_RATIO <= window  # chunks of 2 and 3 took it
+    if kv_dtype is None:
+        torch.testing.assert_close(got, full_pass(q, k, v, pos, window, softcap=softcap), atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(cache_module, "SMALL_CHUNK_RATIO", 10**9)
+    torch.testing.assert_close(got, run(), atol=1e-5, rtol=1e-5)
+
+
 def test_rows_that_stop_early_keep_their_cache_and_others_continue():
     q, k, v, pos = text(pad=(0, 0))
     cache = RingCache(2, HEADS_KV, DIM, W)

@@ -123,3 +123,25 @@ def sliding_window_attention(
     else:
         out, lse = impl.forward(q, k, v, problem)
     return (out, lse) if return_lse else out
+
+
+def merge_partials(o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor, l2: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact merge of two attentions of the same queries over disjoint key sets.
+
+    Args:
+        o1, o2: outputs ``(batch, heads, q_len, head_dim)``; l1, l2: their log-sum-exps
+            ``(batch, heads, q_len)`` (``return_lse=True``; -inf where a row sees no key).
+
+    Returns:
+        ``(out, lse)`` over the union of the key sets, out in float32 (zeros and -inf for rows
+        that see no key in either).
+    """
+    m = torch.maximum(l1, l2)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # rows that see no key at all
+    w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)
+    total = w1 + w2
+    lse = torch.where(total > 0, m + torch.log(total), torch.full_like(m, float("-inf")))
+    denom = torch.where(total > 0, total, torch.ones_like(total)).unsqueeze(-1)
+    out = (o1.float() * w1.unsqueeze(-1) + o2.float() * w2.unsqueeze(-1)) / denom
+    return out, lse
