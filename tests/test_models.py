@@ -210,6 +210,8 @@ def test_bf16_models_load_prepacked_and_give_the_plain_models_logits(pair, monke
     assert not any(isinstance(m, PrepackedLinear) for m in load(path).modules())  # fp32: nothing to prepack
     with pytest.raises(ValueError, match="bf16"):
         load(path, prepack=True)
+    with pytest.raises(ValueError, match="prepack must be"):
+        load(path, dtype=torch.bfloat16, prepack="yes")
 
 
 @needs_prepack

@@ -25,6 +25,8 @@ ENV = "SWATTN_PREPACK"
 def wanted(dtype: torch.dtype, prepack: bool | None) -> bool:
     """Whether a model of ``dtype`` is prepacked: ``prepack`` if given, else ``SWATTN_PREPACK``, else
     whenever it can be (bf16 on a CPU with oneDNN's bf16 arithmetic)."""
+    if prepack is not None and not isinstance(prepack, bool):
+        raise ValueError(f"prepack must be True, False or None, got {prepack!r}")
     if prepack is None:
         env = os.environ.get(ENV, "auto")
         if env not in ("0", "1", "auto"):
