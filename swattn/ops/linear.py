@@ -11,13 +11,13 @@ CPUs the two are close. :func:`fp32_product` picks one per process by timing bot
 first use; ``SWATTN_FP32_PRODUCT=torch|onednn`` forces it. oneDNN's product has no autograd
 formula of its own, so :class:`_OneDNNLinear` gives it one (its backward products run on oneDNN
 too). bf16 products already go through oneDNN inside PyTorch.
+``SWATTN_LINEAR=torch`` turns the few-row kernels off (for comparisons).
 
 Prepacked bf16 weights: oneDNN reads a weight faster from its own blocked layout than from the
 plain row-major one, at every row count (measured on 2 Zen 5 cores, 7 layers' weights in turn:
 1 row 70 against 65 GB/s, 8 rows 46 against 22 GB/s; 2048 rows 944 against 873 GFLOP/s).
 :func:`prepack` gives that layout (an opaque tensor, the same size: it replaces the plain weight,
 see :class:`swattn.models.layers.PrepackedLinear`) and :func:`prepacked` multiplies by it.
-``SWATTN_LINEAR=torch`` turns the few-row kernels off (for comparisons).
 """
 
 from __future__ import annotations
