@@ -303,6 +303,24 @@ class _LayerCache:
         for buf, saved in zip(self._buffers(), tensors):
             buf.copy_(saved)
 
+    def _save_first(self, n: int) -> tuple[torch.Tensor, ...]:
+        """Copies of the buffers' first ``n`` slots (and of ``last_pos``)."""
+        return tuple(t.clone() if t is self.last_pos else (t[:, :n] if t is self.slot_pos else t[:, :, :n]).clone()
+                     for t in self._buffers())
+
+    def _restore_first(self, tensors: tuple[torch.Tensor, ...]) -> None:
+        """Puts back a :meth:`_save_first` state: its slots first, the rest empty (position -1, zeros)."""
+        n = tensors[0].shape[2]
+        for buf, saved in zip(self._buffers(), tensors):
+            if buf is self.last_pos:
+                buf.copy_(saved)
+            elif buf is self.slot_pos:
+                buf[:, :n].copy_(saved)
+                buf[:, n:].fill_(-1)
+            else:
+                buf[:, :, :n].copy_(saved)
+                buf[:, :, n:].zero_()
+
 
 class RingCache(_LayerCache):
     """Keys and values of one local layer: ``window`` slots per row, position p in slot p % window.
@@ -369,23 +387,12 @@ class RingCache(_LayerCache):
         n = int(self.last_pos.max()) + 1  # positions < window sit in slots 0 .. n - 1
         if n >= self.window:
             return super().save()
-        parts = tuple(t.clone() if t is self.last_pos else (t[:, :n] if t is self.slot_pos else t[:, :, :n]).clone()
-                      for t in self._buffers())
-        return CacheState("RingCache", parts, self.dense)
+        return CacheState("RingCache", self._save_first(n), self.dense)
 
     def _restore_buffers(self, tensors: tuple[torch.Tensor, ...]) -> None:
-        n = tensors[0].shape[2]
-        if n == self.k.shape[2]:
+        if tensors[0].shape[2] == self.k.shape[2]:
             return super()._restore_buffers(tensors)
-        for buf, saved in zip(self._buffers(), tensors):  # a ring saved before it came round
-            if buf is self.last_pos:
-                buf.copy_(saved)
-            elif buf is self.slot_pos:
-                buf[:, :n].copy_(saved)
-                buf[:, n:].fill_(-1)
-            else:
-                buf[:, :, :n].copy_(saved)
-                buf[:, :, n:].zero_()
+        self._restore_first(tensors)  # a ring saved before it came round
 
     def _update_aligned(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
         """The ring's tokens in time order, then the chunk's: slot p % window holds position p,
@@ -522,20 +529,12 @@ class FullCache(_LayerCache):
         n = tensors[0].shape[2]
         if n > self.k.shape[2]:
             self._reserve(n)
-        for buf, saved in zip(self._buffers(), tensors):
-            if buf is self.last_pos:
-                buf.copy_(saved)
-                continue
-            buf[:, :n].copy_(saved) if buf is self.slot_pos else buf[:, :, :n].copy_(saved)
-            (buf[:, n:] if buf is self.slot_pos else buf[:, :, n:]).fill_(-1 if buf is self.slot_pos else 0)
+        self._restore_first(tensors)
         self._used = int(self.last_pos.max()) + 1
 
     def save(self) -> CacheState:
         """Gives a copy of the stored part of the cache."""
-        n = self._used
-        parts = tuple(t.clone() if t is self.last_pos else (t[:, :n] if t is self.slot_pos else t[:, :, :n]).clone()
-                      for t in self._buffers())
-        return CacheState("FullCache", parts, self.dense)
+        return CacheState("FullCache", self._save_first(self._used), self.dense)
 
 
 class ModelCache:
