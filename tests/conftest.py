@@ -6,9 +6,14 @@ import pytest
 import torch
 
 import swattn
-from swattn.ops import blocked, cpu
+from swattn.ops import blocked, cpu, linear
 
 BACKENDS = ["cpu", "blocked"]
+
+
+# tests of prepacked (oneDNN blocked-layout) bf16 weights: run wherever oneDNN has bf16 arithmetic
+needs_prepack = pytest.mark.skipif(not linear.can_prepack(torch.empty(1, 1, dtype=torch.bfloat16)),
+                                   reason="this CPU's oneDNN has no bf16 arithmetic")
 
 
 @pytest.fixture(autouse=True)

@@ -12,6 +12,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import needs_prepack
 
 from swattn.models.layers import Linear, PrepackedLinear
 from swattn.ops import linear
@@ -145,8 +146,6 @@ def test_auto_choice_is_one_of_the_products(monkeypatch):
     assert linear.fp32_product() in CHOICES
 
 
-needs_prepack = pytest.mark.skipif(not linear.can_prepack(torch.empty(1, 1, dtype=torch.bfloat16)),
-                                   reason="this CPU's oneDNN has no bf16 arithmetic")
 
 
 def _bf16_close(got, want, inner):

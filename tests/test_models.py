@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 import transformers
+from conftest import needs_prepack
 
 from swattn.models.config import ModelConfig
 from swattn.models.layers import Linear, PrepackedLinear
 from swattn.models.loading import load
 from swattn.models.prepack import unpack
 from swattn.models.saving import state_dict_hf
-from swattn.ops.linear import can_prepack
 
 WINDOW = 4
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
@@ -181,8 +181,6 @@ def test_loaded_models_are_ready_for_inference(pair):
     assert ours(torch.randint(0, 256, (1, 5))).grad_fn is None  # no graph built by a plain call
 
 
-needs_prepack = pytest.mark.skipif(not can_prepack(torch.empty(1, 1, dtype=torch.bfloat16)),
-                                   reason="this CPU's oneDNN has no bf16 arithmetic")
 
 
 @needs_prepack
