@@ -28,8 +28,9 @@ import time
 
 import torch
 
-from swattn import dtypes
-from swattn.profiling import (attention_flops, cell_worker, fmt_bytes, describe_rates, matmul_rates, measure, read_bandwidth,
+from swattn import dtypes, profiling
+from swattn.models.config import ModelConfig
+from swattn.profiling import (cell_worker, fmt_bytes, describe_rates, matmul_rates, measure, read_bandwidth,
                               run_cell_in_subprocess)
 
 SHAPE = dict(vocab_size=4096, hidden_size=2304, intermediate_size=9216, num_hidden_layers=2, num_attention_heads=8,
@@ -64,13 +65,10 @@ def decode_bytes(shape: dict, dtype: str, weights: str, context: int, kv_bytes: 
 
 
 def prefill_flops(n: int) -> float:
-    """FLOPs of one prefill: projections and MLP, LM head, and window-aware attention per layer."""
-    h, f, heads, kv, d, vocab = (SHAPE[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
-                                                     "num_key_value_heads", "head_dim", "vocab_size"))
-    per_token = 2 * (h * heads * d * 2 + h * kv * d * 2 + 3 * h * f)  # q, o, k, v, gate/up/down
-    dense = 2 * per_token * n + 2 * h * vocab  # the LM head for the last position only
-    attention = attention_flops(n, SHAPE["sliding_window"], heads, d) + attention_flops(n, None, heads, d)
-    return dense + attention
+    """FLOPs of one prefill: projections and MLP, window-aware attention per layer, and the LM head
+    for the last position only."""
+    cfg = ModelConfig.from_hf_config(dict(SHAPE, model_type="gemma2"))
+    return profiling.prefill_flops(cfg, 0, n) + 2 * SHAPE["hidden_size"] * SHAPE["vocab_size"]
 
 
 def _checkpoint(directory: str, shape: str = "2layer") -> str:
