@@ -224,3 +224,27 @@ def test_prepacked_models_refuse_training_until_unpacked(pair):
     model.requires_grad_(True)
     model(ids).float().sum().backward()
     assert model.layers[0].mlp.down_proj.weight.grad is not None
+
+
+@needs_prepack
+def test_prepacking_frees_each_plain_weight_as_it_goes(pair, monkeypatch):
+    """Peak memory is the model plus one weight: when a layer is packed, the plain weights of the
+    layers packed before it are already gone."""
+    import weakref
+
+    from swattn.models import layers, prepack
+
+    _, hf, _, _ = pair
+    model = load(hf._swattn_path, dtype=torch.bfloat16, prepack=False)
+    refs = [weakref.ref(m.weight) for m in model.modules() if isinstance(m, Linear)]
+    alive_when_packing = []
+    real_init = layers.PrepackedLinear.__init__
+
+    def init(self, weight):
+        alive_when_packing.append(sum(r() is not None for r in refs))
+        real_init(self, weight)
+
+    monkeypatch.setattr(layers.PrepackedLinear, "__init__", init)
+    assert prepack.prepack(model) == len(refs)
+    # the i-th layer packed sees the len(refs) - i plain weights not yet replaced, itself included
+    assert alive_when_packing == list(range(len(refs), 0, -1))

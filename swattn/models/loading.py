@@ -159,6 +159,7 @@ def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None,
     if weights and fuse:
         quantize.fuse_projections(model)
     if prepack:
+        del params  # its references would keep every plain weight alive while packed copies are made
         prepacking.prepack(model)
     model.dense_layers = dense_layers
     model.kv_dtype = kv_dtype

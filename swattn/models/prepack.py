@@ -41,15 +41,14 @@ def wanted(dtype: torch.dtype, prepack: bool | None) -> bool:
 
 def prepack(model: nn.Module) -> int:
     """Replaces the model's prepackable :class:`Linear` layers in place; gives how many were replaced."""
-    count = 0
-    for owner in list(model.modules()):
-        for name, child in list(owner.named_children()):
-            if type(child) is Linear and linear.can_prepack(child.weight):
-                # the plain weight is dropped as soon as its packed copy exists: peak memory is
-                # the model plus one layer's weight
-                setattr(owner, name, PrepackedLinear(child.weight))
-                count += 1
-    return count
+    # (owner, name) pairs, not the layers themselves: each plain weight is freed as soon as its
+    # packed copy replaces it, so memory peaks at the model plus one weight (given that nothing
+    # else holds the weights: swattn.load drops its references first)
+    targets = [(owner, name) for owner in model.modules() for name, child in owner.named_children()
+               if type(child) is Linear and linear.can_prepack(child.weight)]
+    for owner, name in targets:
+        setattr(owner, name, PrepackedLinear(getattr(owner, name).weight))
+    return len(targets)
 
 
 def unpack(model: nn.Module) -> int:
