@@ -468,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="while streams decode, prefill only as much per step as keeps a step within this many "
                           "decode steps' time (default 2)")
     srv.add_argument("--prefix-cache-mb", type=int, default=1024, help="memory for saved prompt prefixes (0: off)")
-    srv.add_argument("--snapshot-every", type=int, default=512, help="save a prompt's caches after N tokens, then 2N, 4N, ... and at its end")
+    srv.add_argument("--snapshot-every", type=int, default=512,
+                     help="save a prompt's caches after N tokens, then 2N, 4N, ... and at its end")
     srv.add_argument("--name", help="the model name clients use (default: the directory's name)")
     tr = sub.add_parser("train", parents=[common], help="train a Gemma 2 model on text files (or fine-tune a checkpoint)",
                         description="Trains a Gemma 2 architecture model with swattn's attention, forward and "

@@ -152,7 +152,7 @@ class _Relay:
 def create_app(state: ServerState) -> FastAPI:
     """The FastAPI application over ``state`` (its engine may arrive later: /health says 503 until then)."""
     app = FastAPI(title="swattn", docs_url=None, redoc_url=None, openapi_url=None)
-    relays: dict[int, _Relay] = {}
+    relay: _Relay | None = None  # made at the first request, on the server's event loop
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -290,9 +290,9 @@ def create_app(state: ServerState) -> FastAPI:
             raise ApiError(400, "'stream_options' must be an object", "stream_options")
         include_usage = bool(options.get("include_usage", False))
         sampling, stop = _sampling(body), _stop(body)
-        relay = relays.get(id(eng))
-        if relay is None:  # one per engine, on this (the server's) event loop
-            relay = relays[id(eng)] = _Relay(asyncio.get_running_loop())
+        nonlocal relay
+        if relay is None:
+            relay = _Relay(asyncio.get_running_loop())
             eng.step_listeners.append(relay.flush)
         events: asyncio.Queue = asyncio.Queue()
         ignore_eos = body.get("ignore_eos", False)
