@@ -225,10 +225,8 @@ class _LayerCache:
         )
 
     def _small_chunk(self, n: int) -> bool:
+        """Whether an aligned chunk of ``n`` tokens takes :meth:`RingCache._attend_small` (rings only)."""
         return False
-
-    def _attend_small(self, q, k, v, pos, softcap, scale) -> torch.Tensor:
-        raise NotImplementedError
 
     def _decode(self, q, k, v, pos, softcap, scale, aligned) -> torch.Tensor:
         """One token per row through the compiled decode step: store, then attend, in one call."""
