@@ -526,6 +526,9 @@ def main(argv: list[str] | None = None) -> int:
     # everything after NAME (its --help included) belongs to the benchmark script
     bench.add_argument("options", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args(argv)
+    from swattn.allocator import keep_freed_memory
+
+    keep_freed_memory()  # every command computes in steps that free and reallocate the same buffers
     if args.command == "bench":
         rest = args.options + rest
     if args.version:
