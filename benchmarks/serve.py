@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import random
@@ -67,10 +68,18 @@ def start_swattn(path: str, args) -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
+@functools.cache
+def served_model(url: str) -> str:
+    """The model name a server answers to (its first in /v1/models): a server started by hand
+    (``--url``) serves its directory's name, not the "bench" this script gives its own."""
+    models = httpx.get(url + "/v1/models").json().get("data") or [{"id": "bench"}]
+    return models[0]["id"]
+
+
 async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], max_tokens: int,
                       cancel_after: int | None = None) -> dict:
     """Streams one completion; gives its timings (and usage)."""
-    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+    body = {"model": served_model(url), "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
     try:
         return await _stream(client, url, body, cancel_after)
@@ -287,21 +296,27 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# swattn serve on {path} ({args.dtype}, {args.parallel} slots), {os.cpu_count()} CPUs, "
           f"torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
     try:
-        urls = {"swattn": url, **({args.peer_name: args.peer_url} if args.peer_url else {})}
-        if "load" in args.scenario:
-            scenario_load(urls, args, vocab)
-        if "interference" in args.scenario:
-            scenario_interference(url, args, vocab)
-        if "prefix" in args.scenario:
-            scenario_prefix(url, args, vocab)
-        if "cancel" in args.scenario and proc is not None:
-            scenario_cancel(url, proc.pid, args, vocab)
+        return _scenarios(args, url, proc, vocab)
+    except (RuntimeError, httpx.HTTPError) as exc:  # a server that is not there or fails every request
+        print(f"swattn bench serve: {exc}", file=sys.stderr)
+        return 1
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=30)
-    return 0
 
+
+def _scenarios(args, url: str, proc, vocab: int) -> int:
+    urls = {"swattn": url, **({args.peer_name: args.peer_url} if args.peer_url else {})}
+    if "load" in args.scenario:
+        scenario_load(urls, args, vocab)
+    if "interference" in args.scenario:
+        scenario_interference(url, args, vocab)
+    if "prefix" in args.scenario:
+        scenario_prefix(url, args, vocab)
+    if "cancel" in args.scenario and proc is not None:
+        scenario_cancel(url, proc.pid, args, vocab)
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())
