@@ -48,7 +48,7 @@ constexpr int64_t kBlock = 32;
 constexpr int64_t kLanes = 16;  // output features per interleaved panel
 constexpr int kTile = 8;        // activation rows kept in registers per pass
 constexpr int64_t kMaxRows = 16;
-constexpr int64_t kAhead = 6;  // blocks of weights prefetched ahead
+constexpr int64_t kAheadBytes = 8192;  // weight bytes prefetched ahead
 std::atomic<bool> g_simd{true};
 
 bool use_simd() { return g_simd.load(std::memory_order_relaxed); }
@@ -147,11 +147,13 @@ void panel_vnni(const uint8_t* w, const at::Half* ws, const QuantRows& xr, int64
   const __m512i low = _mm512_set1_epi8(0x0F);
   constexpr int64_t block_bytes = BITS * kBlock * kLanes / 8;
   for (int64_t b = 0; b < nb; ++b) {
-    // ask for the weights a few blocks ahead: with several rows the loop computes long
-    // enough per block that the hardware prefetcher alone leaves the memory idle
+    // ask for the weights 8 KB ahead: with several rows the loop computes long enough per
+    // block that the hardware prefetcher alone leaves the memory idle, and the bytes in flight
+    // must cover the memory's latency at its rate (a 9216 x 2304 q4 product at 8 rows: 0.42 ms
+    // with 6 blocks ahead, 1.5 KB; 0.30 ms with 8 KB)
     if constexpr (R > 2)
       for (int64_t line = 0; line < block_bytes; line += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(w + (b + kAhead) * block_bytes + line), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w + b * block_bytes + kAheadBytes + line), _MM_HINT_T0);
     __m512i wv[8];
     if constexpr (BITS == 8) {
       for (int j = 0; j < 8; ++j) wv[j] = _mm512_loadu_si512(w + (b * 8 + j) * 64);
