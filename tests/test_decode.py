@@ -41,8 +41,9 @@ def native_decode():
 @pytest.mark.parametrize("kind,window", [("ring", 1), ("ring", 5), ("ring", 64), ("full", None), ("full", 5)])
 @pytest.mark.parametrize("softcap", [None, 3.0])
 @pytest.mark.parametrize("dtype,dim,bf16_dot", [(torch.float32, 40, False), (torch.bfloat16, 40, False),
-                                                (torch.bfloat16, 64, False), (torch.bfloat16, 64, True)],
-                         ids=["fp32", "bf16-d40", "bf16-d64-fp32dot", "bf16-d64-bf16dot"])
+                                                (torch.bfloat16, 64, False), (torch.bfloat16, 64, True),
+                                                (torch.bfloat16, 96, True)],  # value lanes in groups and one left
+                         ids=["fp32", "bf16-d40", "bf16-d64-fp32dot", "bf16-d64-bf16dot", "bf16-d96-bf16dot"])
 def test_decode_step_matches_the_oracle(heads, heads_kv, kind, window, softcap, dtype, dim, bf16_dot, native_decode):
     native_decode(bf16_dot)
     steps, batch = 23, 3

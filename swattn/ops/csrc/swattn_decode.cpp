@@ -172,6 +172,26 @@ inline __m512 widen16(const TC* src) {
   }
 }
 
+// acc[g, c .. c + 16 * CH) += sum over the tile's n keys of s[g][j] * value(keys[j]).
+template <int G, int CH, typename TC>
+inline void values(const TC* cv, int64_t base, const int64_t* keys, int64_t n, const float (*s)[kTileKeys],
+                   float* acc, int64_t D, int64_t c) {
+  __m512 a[G][CH];
+  for (int g = 0; g < G; ++g)
+    for (int h = 0; h < CH; ++h) a[g][h] = _mm512_loadu_ps(acc + g * D + c + 16 * h);
+  for (int64_t j = 0; j < n; ++j) {
+    const TC* vr = cv + (base + keys[j]) * D + c;
+    __m512 v[CH];
+    for (int h = 0; h < CH; ++h) v[h] = widen16(vr + 16 * h);
+    for (int g = 0; g < G; ++g) {
+      const __m512 w = _mm512_set1_ps(s[g][j]);
+      for (int h = 0; h < CH; ++h) a[g][h] = _mm512_fmadd_ps(w, v[h], a[g][h]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int h = 0; h < CH; ++h) _mm512_storeu_ps(acc + g * D + c + 16 * h, a[g][h]);
+}
+
 template <int G, typename TQ, typename TC>
 void partial_simd(const Step& st, const TQ* q, const TC* ck, const TC* cv, const float* ks, const float* vs,
                   const int64_t* slot_pos, int64_t b, int64_t hk, int64_t p, int64_t j0, int64_t j1, float* m,
@@ -225,14 +245,15 @@ void partial_simd(const Step& st, const TQ* q, const TC* ck, const TC* cv, const
         }
       }
       const float key_scale = kBf16 ? st.scale : st.scale * ks[base + j];
-      for (int g = 0; g < G; ++g) {
-        float dot = _mm512_reduce_add_ps(a[g]) * key_scale;
-        if (st.softcap > 0.0f) dot = st.softcap * fast_tanh(dot / st.softcap);
-        s[g][n] = dot;
-      }
+      for (int g = 0; g < G; ++g) s[g][n] = _mm512_reduce_add_ps(a[g]) * key_scale;
       keys[n++] = j;
     }
     if (n == 0) continue;
+    if (st.softcap > 0.0f) {  // over the whole tile, where the loop vectorises
+      const float cap = st.softcap, inv = 1.0f / st.softcap;
+      for (int g = 0; g < G; ++g)
+        for (int64_t j = 0; j < n; ++j) s[g][j] = cap * fast_tanh(s[g][j] * inv);
+    }
     for (int g = 0; g < G; ++g) {
       float mx = m[g];
       for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[g][j]);
@@ -250,15 +271,13 @@ void partial_simd(const Step& st, const TQ* q, const TC* ck, const TC* cv, const
     if constexpr (!kBf16)  // int8 values: their scale joins the weights
       for (int64_t j = 0; j < n; ++j)
         for (int g = 0; g < G; ++g) s[g][j] *= vs[base + keys[j]];
-    for (int64_t c = 0; c < D; c += 16) {  // 16 lanes of every head's output over the tile's values
-      __m512 a[G];
-      for (int g = 0; g < G; ++g) a[g] = _mm512_loadu_ps(acc + g * D + c);
-      for (int64_t j = 0; j < n; ++j) {
-        const __m512 v = widen16(cv + (base + keys[j]) * D + c);
-        for (int g = 0; g < G; ++g) a[g] = _mm512_fmadd_ps(_mm512_set1_ps(s[g][j]), v, a[g]);
-      }
-      for (int g = 0; g < G; ++g) _mm512_storeu_ps(acc + g * D + c, a[g]);
-    }
+    // every head's output over the tile's values, kChunks x 16 lanes at a time: each lane's sum
+    // is a chain of n dependent FMAs, so G x kChunks of them in flight keep the FMA units busy
+    // (16 lanes of 2 heads at a time left 2 chains, bound by the FMA's latency, not its rate)
+    constexpr int kChunks = G >= 8 ? 1 : 8 / G;
+    int64_t c = 0;
+    for (; c + 16 * kChunks <= D; c += 16 * kChunks) values<G, kChunks>(cv, base, keys, n, s, acc, D, c);
+    for (; c < D; c += 16) values<G, 1>(cv, base, keys, n, s, acc, D, c);
   }
 }
 #endif
