@@ -271,8 +271,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--gguf {item}: give FORMAT=PATH with FORMAT fp32, bf16, q8 or q4 and an existing file")
         ggufs[fmt] = file
     llama_kv = args.llama_kv or LLAMA_KV[args.kv_dtype]
-    if ggufs and not (args.llama_bench and os.path.isfile(args.llama_bench)):
+    if ggufs and not args.llama_bench:
         parser.error("--gguf needs --llama-bench PATH (llama.cpp's llama-bench binary)")
+    if args.llama_bench and not os.path.isfile(args.llama_bench):
+        parser.error(f"--llama-bench {args.llama_bench}: no such file")
     if args.shape == "2b":
         args.n, args.impl = [], [i for i in args.impl if i == "swattn"]  # decode only: the 2b shape's bound
     path = _checkpoint(args.dir, args.shape)
