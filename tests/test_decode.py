@@ -128,6 +128,24 @@ def test_gated_gelu_matches_the_formula(dtype):
     assert torch.ops.swattn.gelu_tanh_mul_(g, up).data_ptr() == g.data_ptr()  # in place
 
 
+@pytest.mark.parametrize("batch,rows", [(1, 1), (2, 3), (1, 41)])
+def test_gated_gelu_on_the_halves_of_a_fused_product(batch, rows):
+    """Gate and up as the two halves of one (rows, 2 x features) product: strided rows, written
+    in place in the gate's half only; a 3-D batch, and 41 rows, which the threads split mid-row."""
+    torch.manual_seed(2)
+    fused = torch.randn(batch, rows, 2 * 1001)
+    fused[..., :1001] *= 4  # the gate's half, as the contiguous test's
+    before = fused.clone()
+    gate, up = fused.chunk(2, dim=-1)
+    want = torch.nn.functional.gelu(gate.double(), approximate="tanh") * up.double()
+    got = torch.ops.swattn.gelu_tanh_mul_(gate, up)
+    assert got.data_ptr() == fused.data_ptr()
+    assert torch.allclose(got.double(), want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(fused[..., 1001:], before[..., 1001:])  # up untouched
+    with pytest.raises(RuntimeError, match="last dimension contiguous"):
+        torch.ops.swattn.gelu_tanh_mul_(gate.transpose(-1, -2), up.transpose(-1, -2))
+
+
 KV_TOL = {torch.float32: 2e-5, torch.bfloat16: 1.5e-2, torch.float16: 2e-3, torch.int8: 3e-2}
 
 
