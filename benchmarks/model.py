@@ -7,8 +7,9 @@ same weights and inputs for every implementation (``--shape 2b``: all 26 layers 
 256,000-token vocabulary, decode only). Prefill: time, achieved GFLOP/s (with its fraction of
 the matmul rate of that dtype measured in the same run) and peak memory. Decode: tokens/s
 after a context, and its fraction of the bandwidth bound: bytes read per token (weights in
-their format, plus the visible keys and values) over this machine's read rate measured in
-the same run. ``--weights q8 q4`` adds quantized rows (transformers has no peer for them;
+their format, plus the visible keys and values) over this machine's read rate, measured
+just before and just after each decode row (the better of the two: on a shared virtual machine
+it moves by tens of percent within minutes). ``--weights q8 q4`` adds quantized rows (transformers has no peer for them;
 llama.cpp's Q8_0/Q4_0 are, with ``--llama-bench``). Each cell runs in a fresh subprocess;
 a peer that cannot run a size is shown as such.
 
@@ -291,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         print("# prefill: seconds, GFLOP/s (% of that dtype's best matmul rate), peak memory growth; "
               "'x' = peer time / swattn time")
     print("# decode: tokens/s (all rows), and % of the bandwidth bound: bytes per step (weights in their format + "
-          "each row's visible K/V) / the read rate above; 'x' = swattn / peer")
+          "each row's visible K/V) / the better read rate measured just before and after the row; "
+          "'x' = swattn / peer")
     for dtype in args.dtype:
         for weights in args.weights:
             tag = dtype if weights == "dense" else f"{dtype}+{weights}"
@@ -326,7 +328,10 @@ def main(argv: list[str] | None = None) -> int:
                     kv_bytes = {None: None, "fp32": 4, "bf16": 2, "fp16": 2, "int8": 1 + 4 / shape["head_dim"]}[args.kv_dtype]
                     step_bytes = decode_bytes(shape, dtype, weights, context, kv_bytes)
                     step_bytes += (batch - 1) * (step_bytes - decode_bytes(shape, dtype, weights, -1, kv_bytes))
-                    bound = batch * bandwidth * 1e9 / step_bytes
+                    # this virtual machine's read rate moves by tens of percent within minutes: each
+                    # row is judged by the better of the rates measured just before and just after it
+                    before = read_bandwidth()
+                    cells = []
                     for impl in impls:
                         if impl == "flex_attention" or (impl != "swattn" and batch > 1):
                             continue  # flex recompiles per length in decode; peers run one sequence here
@@ -339,18 +344,26 @@ def main(argv: list[str] | None = None) -> int:
                         rate = r["tokens_per_s"]
                         ratio = f" (swattn {ours / rate:.2f}x)" if ours and impl != "swattn" else ""
                         ours = ours or (rate if impl == "swattn" else None)
-                        extra = (f", {100 * rate / bound:.0f}% of bound, overhead {1e3 * r['overhead']:.2f} ms/step"
+                        cells.append((impl, rate, ratio, r.get("overhead")))
+                    gguf = ggufs.get(_llama_format(dtype, weights))
+                    peer = None
+                    if gguf and ours and batch == 1:
+                        peer = llama_bench(args.llama_bench, gguf, "decode", context, 64, llama_kv, args.timeout)
+                    after = read_bandwidth()
+                    read = max(before, after)
+                    bound = batch * read * 1e9 / step_bytes
+                    for impl, rate, ratio, overhead in cells:
+                        extra = (f", {100 * rate / bound:.0f}% of bound, overhead {1e3 * overhead:.2f} ms/step"
                                  if impl == "swattn" else "")
                         row += f" {impl}: {rate:.1f} tokens/s{ratio}{extra} |"
-                    gguf = ggufs.get(_llama_format(dtype, weights))
-                    if gguf and ours and batch == 1:
-                        r = llama_bench(args.llama_bench, gguf, "decode", context, 64, llama_kv, args.timeout)
+                    if peer is not None:
                         fmt = _llama_format(dtype, weights)
-                        row += (f" llama.cpp {fmt}: {r['error']} |" if "error" in r else
-                                f" llama.cpp {fmt}: {r['tokens_per_s']:.1f} tokens/s (fa {r['fa']}, "
-                                f"{100 * r['tokens_per_s'] / bound:.0f}% of bound; swattn "
-                                f"{ours / r['tokens_per_s']:.2f}x) |")
-                    print(row + f" bound {bound:.0f} tokens/s ({fmt_bytes(step_bytes)} per step)", flush=True)
+                        row += (f" llama.cpp {fmt}: {peer['error']} |" if "error" in peer else
+                                f" llama.cpp {fmt}: {peer['tokens_per_s']:.1f} tokens/s (fa {peer['fa']}, "
+                                f"{100 * peer['tokens_per_s'] / bound:.0f}% of bound; swattn "
+                                f"{ours / peer['tokens_per_s']:.2f}x) |")
+                    print(row + f" bound {bound:.0f} tokens/s ({fmt_bytes(step_bytes)} per step, read "
+                          f"{before:.1f} / {after:.1f} GB/s before / after)", flush=True)
     return 0
 
 
