@@ -231,7 +231,12 @@ def cell_worker(run_cell: Callable[[dict], dict], cell_json: str) -> None:
     """The ``--worker`` side: runs one cell and prints ``RESULT {json}``.
 
     An exception is a result too (a peer refusing, running out of memory): its first line.
+    The cell's process keeps freed memory mapped, as swattn's commands do (every implementation
+    alike; see :mod:`swattn.allocator`).
     """
+    from swattn.allocator import keep_freed_memory
+
+    keep_freed_memory()
     cell = json.loads(cell_json)
     try:
         result = run_cell(cell)
