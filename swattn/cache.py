@@ -291,10 +291,7 @@ class _LayerCache:
         if (k.shape[:2] != self.k.shape[:2] or k.shape[3] != self.k.shape[3] or k.dtype != self.k.dtype
                 or len(state.tensors) != len(self._buffers())):
             raise ValueError(f"cannot restore a state of shape {tuple(k.shape)} into a cache of shape {tuple(self.k.shape)}")
-        if isinstance(self, RingCache) and k.shape[2] != self.k.shape[2] and not (
-                k.shape[2] < self.k.shape[2] and int(state.tensors[3].max()) < k.shape[2]):
-            raise ValueError(f"cannot restore a ring of {k.shape[2]} slots into a ring of {self.k.shape[2]}")
-        self._restore_buffers(state.tensors)
+        self._restore_buffers(state.tensors)  # a kind's own checks of the slot count come first there
         self.dense = state.dense
 
     def _restore_buffers(self, tensors: tuple[torch.Tensor, ...]) -> None:
@@ -388,9 +385,14 @@ class RingCache(_LayerCache):
         return CacheState("RingCache", self._save_first(n), self.dense)
 
     def _restore_buffers(self, tensors: tuple[torch.Tensor, ...]) -> None:
-        if tensors[0].shape[2] == self.k.shape[2]:
+        slots = tensors[0].shape[2]
+        if slots == self.k.shape[2]:
             return super()._restore_buffers(tensors)
-        self._restore_first(tensors)  # a ring saved before it came round
+        _, _, _, last_pos, *_ = tensors
+        # only a ring saved before it came round may be shorter: positions 0 .. n - 1 in its first n slots
+        if slots > self.k.shape[2] or int(last_pos.max()) >= slots:
+            raise ValueError(f"cannot restore a ring of {slots} slots into a ring of {self.k.shape[2]}")
+        self._restore_first(tensors)
 
     def _update_aligned(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
         """The ring's tokens in time order, then the chunk's: slot p % window holds position p,
