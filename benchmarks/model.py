@@ -8,9 +8,9 @@ same weights and inputs for every implementation (``--shape 2b``: all 26 layers 
 the matmul rate of that dtype measured in the same run) and peak memory. Decode: tokens/s
 after a context, and its fraction of the bandwidth bound: bytes read per token (weights in
 their format, plus the visible keys and values) over this machine's read rate, measured
-just before and just after each decode row (the better of the two: on a shared virtual machine
-it moves by tens of percent within minutes). ``--weights q8 q4`` adds quantized rows (transformers has no peer for them;
-llama.cpp's Q8_0/Q4_0 are, with ``--llama-bench``). Each cell runs in a fresh subprocess;
+just before and just after each decode row (the better of the two: on a shared virtual
+machine it moves by tens of percent within minutes). ``--weights q8 q4`` adds quantized rows
+(transformers has no peer for them; llama.cpp's Q8_0/Q4_0 are, with ``--llama-bench``). Each cell runs in a fresh subprocess;
 a peer that cannot run a size is shown as such.
 
     python benchmarks/model.py --quick     # n=4096 prefill, decode after 2048
@@ -282,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     products = {name: matmul_rates(DTYPES[name], size=2048) for name in args.dtype}
     rates = {name: max(r.values()) for name, r in products.items()}
     bandwidth = read_bandwidth()
+    fresh = bandwidth  # the read rate measured last, while nothing ran since (None once a prefill cell has)
     print(f"# Gemma 2 2b-shaped, {shape['num_hidden_layers']} layers (local w=4096 / global), vocab "
           f"{shape['vocab_size']}, random weights; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           "matmul 2048^3 now, GFLOP/s, best (each product): "
@@ -322,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                             f" llama.cpp {_llama_format(dtype, weights)}: {n / r['tokens_per_s']:.2f} s "
                             f"(fa {r['fa']}; swattn {n / r['tokens_per_s'] / ours:.2f}x) |")
                 print(row, flush=True)
+                fresh = None
             for context in args.contexts:
                 for batch in args.batch:
                     row, ours = f"decode @{context:>6} {tag} x{batch} |", None
@@ -330,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
                     step_bytes += (batch - 1) * (step_bytes - decode_bytes(shape, dtype, weights, -1, kv_bytes))
                     # this virtual machine's read rate moves by tens of percent within minutes: each
                     # row is judged by the better of the rates measured just before and just after it
-                    before = read_bandwidth()
+                    # (the previous decode row's "after" is this one's "before": nothing ran between)
+                    before = fresh if fresh is not None else read_bandwidth()
                     cells = []
                     for impl in impls:
                         if impl == "flex_attention" or (impl != "swattn" and batch > 1):
@@ -349,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                     peer = None
                     if gguf and ours and batch == 1:
                         peer = llama_bench(args.llama_bench, gguf, "decode", context, 64, llama_kv, args.timeout)
-                    after = read_bandwidth()
+                    after = fresh = read_bandwidth()
                     read = max(before, after)
                     bound = batch * read * 1e9 / step_bytes
                     for impl, rate, ratio, overhead in cells:
