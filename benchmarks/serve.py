@@ -318,5 +318,6 @@ def _scenarios(args, url: str, proc, vocab: int) -> int:
         scenario_cancel(url, proc.pid, args, vocab)
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())

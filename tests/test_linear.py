@@ -146,8 +146,6 @@ def test_auto_choice_is_one_of_the_products(monkeypatch):
     assert linear.fp32_product() in CHOICES
 
 
-
-
 def _bf16_close(got, want, inner):
     """Each element within one rounding to bf16 (half an ulp is 2^-9 relative) of the fp32-accumulated sum."""
     fp32 = 4 * torch.finfo(torch.float32).eps * math.sqrt(inner) * max([1.0, *want.abs().flatten().tolist()])

@@ -181,8 +181,6 @@ def test_loaded_models_are_ready_for_inference(pair):
     assert ours(torch.randint(0, 256, (1, 5))).grad_fn is None  # no graph built by a plain call
 
 
-
-
 @needs_prepack
 def test_bf16_models_load_prepacked_and_give_the_plain_models_logits(pair, monkeypatch):
     family, hf, _, _ = pair
