@@ -31,8 +31,8 @@ import torch
 
 from swattn import dtypes, profiling
 from swattn.models.config import ModelConfig
-from swattn.profiling import (cell_worker, fmt_bytes, describe_rates, matmul_rates, measure, read_bandwidth,
-                              run_cell_in_subprocess)
+from swattn.profiling import (cell_worker, count_ops, fmt_bytes, describe_rates, matmul_rates, measure,
+                              read_bandwidth, run_cell_in_subprocess)
 
 SHAPE = dict(vocab_size=4096, hidden_size=2304, intermediate_size=9216, num_hidden_layers=2, num_attention_heads=8,
              num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256, sliding_window=4096,
@@ -151,10 +151,10 @@ def run_cell(cell: dict) -> dict:
                                       warmup=full_warmup)
         return {"seconds": seconds, "peak": growth}
     context, steps, batch = cell["n"], cell["steps"], cell.get("batch", 1)
-    ids = torch.randint(0, SHAPE["vocab_size"], (batch, context + steps + 1), generator=gen)  # in both vocabularies
+    ids = torch.randint(0, SHAPE["vocab_size"], (batch, context + steps + 2), generator=gen)  # in both vocabularies
     with torch.inference_mode():
         if cell["impl"] == "swattn":
-            cache = model.new_cache(batch, capacity=context + steps + 2, kv_dtype=cell.get("kv_dtype"))
+            cache = model.new_cache(batch, capacity=context + steps + 3, kv_dtype=cell.get("kv_dtype"))
             _fill_swattn_cache(model, ids[:, :context], cell["chunk"], cache)
             model(ids[:, context : context + 1], torch.full((batch, 1), context), cache)  # warm-up step
             context += 1
@@ -165,7 +165,9 @@ def run_cell(cell: dict) -> dict:
                 times.append(time.perf_counter() - t0)
             last = context + steps
             overhead = _overhead(model, cache, ids[:, last - 1 : last], torch.full((batch, 1), last), times)
-            return {"tokens_per_s": batch * steps / sum(times), "overhead": overhead}
+            ops = count_ops(lambda: model(ids[:, last : last + 1], torch.full((batch, 1), last + 1), cache),
+                            model.layers)
+            return {"tokens_per_s": batch * steps / sum(times), "overhead": overhead, "ops": ops}
         else:
             cache = _fill_peer_cache(model, ids[:, :context], cell["chunk"])
             start = time.perf_counter()
@@ -347,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                         rate = r["tokens_per_s"]
                         ratio = f" (swattn {ours / rate:.2f}x)" if ours and impl != "swattn" else ""
                         ours = ours or (rate if impl == "swattn" else None)
-                        cells.append((impl, rate, ratio, r.get("overhead")))
+                        cells.append((impl, rate, ratio, r.get("overhead"), r.get("ops")))
                     gguf = ggufs.get(_llama_format(dtype, weights))
                     peer = None
                     if gguf and ours and batch == 1:
@@ -355,8 +357,10 @@ def main(argv: list[str] | None = None) -> int:
                     after = fresh = read_bandwidth()
                     read = max(before, after)
                     bound = batch * read * 1e9 / step_bytes
-                    for impl, rate, ratio, overhead in cells:
-                        extra = (f", {100 * rate / bound:.0f}% of bound, overhead {1e3 * overhead:.2f} ms/step"
+                    for impl, rate, ratio, overhead, ops in cells:
+                        layers = shape["num_hidden_layers"]
+                        extra = (f", {100 * rate / bound:.0f}% of bound, overhead {1e3 * overhead:.2f} ms/step, "
+                                 f"{ops['within'] / layers:.0f} ops/layer + {ops['total'] - ops['within']} per step"
                                  if impl == "swattn" else "")
                         row += f" {impl}: {rate:.1f} tokens/s{ratio}{extra} |"
                     if peer is not None:

@@ -9,7 +9,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -50,6 +50,39 @@ def median_time(fn: Callable[[], object], repeat: int = 3, warmup: int = 1) -> f
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def count_ops(fn: Callable[[], object], within: Sequence[torch.nn.Module] = ()) -> dict[str, int]:
+    """The PyTorch ops ``fn()`` dispatches, counted as a dispatch mode sees them (after autograd,
+    each call to a compiled op one): ``{"total": n, "within": m}``, ``m`` those dispatched
+    inside the forward of any module in ``within`` (a model's layers: ops per layer is
+    ``m / len(within)``, the rest is the step's shared bookkeeping)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    depth = [0]
+
+    class Counter(TorchDispatchMode):
+        total = inside = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.total += 1
+            self.inside += depth[0] > 0
+            return func(*args, **(kwargs or {}))
+
+    def enter(*_):
+        depth[0] += 1
+
+    def leave(*_):
+        depth[0] -= 1
+
+    hooks = [h for m in within for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    try:
+        with Counter() as counter:
+            fn()
+    finally:
+        for h in hooks:
+            h.remove()
+    return {"total": counter.total, "within": counter.inside}
 
 
 def best_time(fn: Callable[[], object], repeat: int = 5) -> float:

@@ -12,6 +12,7 @@ from swattn.models.layers import Linear, PrepackedLinear
 from swattn.models.loading import load
 from swattn.models.prepack import unpack
 from swattn.models.saving import state_dict_hf
+from swattn.profiling import count_ops
 
 WINDOW = 4
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
@@ -189,6 +190,12 @@ def test_bf16_models_load_prepacked_and_give_the_plain_models_logits(pair, monke
     linears = [m for m in packed.modules() if isinstance(m, (Linear, PrepackedLinear))]
     assert linears and all(isinstance(m, PrepackedLinear) for m in linears)
     assert (packed.lm_head is None) == (family != "mistral")  # Mistral's untied head is prepacked too
+    cfg = packed.cfg
+    for block in packed.layers:  # q/k/v and gate/up: one product each
+        kv = cfg.num_kv_heads * cfg.head_dim
+        assert block.self_attn.qkv_proj.parts == (cfg.num_heads * cfg.head_dim, kv, kv)
+        assert block.mlp.gate_up_proj.parts == (cfg.intermediate_size,) * 2
+        assert not hasattr(block.self_attn, "q_proj") and not hasattr(block.mlp, "up_proj")
     assert not any(isinstance(m, PrepackedLinear) for m in plain.modules())
     ids = torch.randint(0, 256, (2, 13))
     with torch.no_grad():
@@ -210,15 +217,38 @@ def test_bf16_models_load_prepacked_and_give_the_plain_models_logits(pair, monke
         load(path, dtype=torch.bfloat16, prepack="yes")
 
 
+@pytest.mark.parametrize("dtype,weights", [(torch.float32, None), (torch.bfloat16, None), (torch.float32, "q8")],
+                         ids=["fp32", "bf16", "q8"])
+def test_a_decode_step_dispatches_at_most_40_ops_per_layer(pair, dtype, weights):
+    """A lean decode step, counted as a dispatch mode sees the ops: each layer's bookkeeping
+    around its products and attention stays small, and so does the step's own (embedding,
+    rotary tables, final norm, head)."""
+    _, hf, _, _ = pair
+    model = load(hf._swattn_path, dtype=dtype, weights=weights)
+    ids = torch.randint(0, 256, (2, 10))
+    with torch.inference_mode():
+        cache = model.new_cache(2, capacity=16)
+        model(ids[:, :9], cache=cache, last_only=True)
+        ops = count_ops(lambda: model(ids[:, 9:], torch.full((2, 1), 9), cache), model.layers)
+    layers = len(model.layers)
+    assert ops["within"] <= 40 * layers, ops
+    assert ops["total"] - ops["within"] <= 40, ops
+
+
 @needs_prepack
 def test_prepacked_models_refuse_training_until_unpacked(pair):
     _, hf, _, _ = pair
     model = load(hf._swattn_path, dtype=torch.bfloat16).requires_grad_(True)
+    plain = load(hf._swattn_path, dtype=torch.bfloat16, prepack=False)
     ids = torch.randint(0, 256, (1, 9))
     with pytest.raises(RuntimeError, match="prepack=False"):
         model(ids)
-    assert unpack(model) > 0
+    assert unpack(model) == sum(isinstance(m, Linear) for m in plain.modules())
     assert not any(isinstance(m, PrepackedLinear) for m in model.modules())
+    # merged projections are separate layers again, with the plain model's names and weights
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    for name, t in plain.state_dict().items():
+        assert torch.equal(model.state_dict()[name], t), name
     model.requires_grad_(True)
     model(ids).float().sum().backward()
     assert model.layers[0].mlp.down_proj.weight.grad is not None
@@ -226,11 +256,12 @@ def test_prepacked_models_refuse_training_until_unpacked(pair):
 
 @needs_prepack
 def test_prepacking_frees_each_plain_weight_as_it_goes(pair, monkeypatch):
-    """Peak memory is the model plus one weight: when a layer is packed, the plain weights of the
-    layers packed before it are already gone."""
+    """Peak memory is the model plus one group of weights (q/k/v, gate/up, or a single one, merged
+    into one packed layer): when a group is packed, the plain weights packed before it are gone."""
     import weakref
 
     from swattn.models import layers, prepack
+    from swattn.models.transformer import projection_groups
 
     _, hf, _, _ = pair
     model = load(hf._swattn_path, dtype=torch.bfloat16, prepack=False)
@@ -243,6 +274,10 @@ def test_prepacking_frees_each_plain_weight_as_it_goes(pair, monkeypatch):
         real_init(self, weight)
 
     monkeypatch.setattr(layers.PrepackedLinear, "__init__", init)
+    groups = [len(names) for _, _, names in projection_groups(model)]
+    assert groups  # every layer's q/k/v and gate/up are merged
+    sizes = groups + [1] * (len(refs) - sum(groups))
     assert prepack.prepack(model) == len(refs)
-    # the i-th layer packed sees the len(refs) - i plain weights not yet replaced, itself included
-    assert alive_when_packing == list(range(len(refs), 0, -1))
+    # each packed layer sees the plain weights not yet replaced, its own group's included
+    assert alive_when_packing == [len(refs) - sum(sizes[:i]) for i in range(len(sizes))]
+    assert not any(r() is not None for r in refs)

@@ -42,6 +42,22 @@ class PrepackedLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.packed = linear.prepack(weight)
+        self.parts: tuple[int, ...] | None = None  # out_features of the layers a fused one stands for
+
+    @classmethod
+    def fused(cls, weights: list[torch.Tensor]) -> PrepackedLinear:
+        """One layer computing several weights ``(n_i, K)`` side by side: one product, output ``(..., sum n_i)``.
+
+        :meth:`split_weights` gives the parts back (for unpacking and saving).
+        """
+        out = cls(torch.cat(weights))
+        out.parts = tuple(w.shape[0] for w in weights)
+        return out
+
+    def split_weights(self) -> list[torch.Tensor]:
+        """Plain copies of the weights this layer computes side by side (one if it is not fused)."""
+        weight = self.dense_weight()
+        return list(weight.split(self.parts)) if self.parts else [weight]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, prepacked bf16"

@@ -24,6 +24,7 @@ from torch import nn
 
 from swattn import quant
 from swattn.models.layers import QuantEmbedding, QuantLinear
+from swattn.models.transformer import projection_groups
 
 WEIGHTS = quant.FORMATS
 HEADS = ("q8", "q4", "dense")
@@ -80,16 +81,12 @@ def fuse_projections(model: nn.Module) -> None:
     One pass over the input and one call instead of three (two); the separate modules are
     dropped, so the model's state dict then names the merged ones.
     """
-    for block in model.layers:
-        attn, mlp = block.self_attn, block.mlp
-        qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
-        if all(isinstance(p, QuantLinear) and p.out_features % quant.LANES == 0 for p in qkv):
-            attn.qkv_proj = QuantLinear.fused(qkv)
-            del attn.q_proj, attn.k_proj, attn.v_proj
-        gate_up = [mlp.gate_proj, mlp.up_proj]
-        if all(isinstance(p, QuantLinear) and p.out_features % quant.LANES == 0 for p in gate_up):
-            mlp.gate_up_proj = QuantLinear.fused(gate_up)
-            del mlp.gate_proj, mlp.up_proj
+    for owner, merged, names in list(projection_groups(model)):
+        parts = [getattr(owner, n) for n in names]
+        if all(isinstance(p, QuantLinear) and p.out_features % quant.LANES == 0 for p in parts):
+            setattr(owner, merged, QuantLinear.fused(parts))
+            for n in names:
+                delattr(owner, n)
 
 
 def write_checkpoint(src: str | Path, out: str | Path, weights: str, head: str | None = None,

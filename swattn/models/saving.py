@@ -14,6 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 from swattn.models.config import ModelConfig
+from swattn.models.layers import PrepackedLinear
+from swattn.models.transformer import FUSED
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -55,11 +57,24 @@ def gemma2_config(cfg: ModelConfig, max_position_embeddings: int) -> dict:
 
 
 def state_dict_hf(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The model's tensors under the checkpoints' names (``model.`` prefix, ``lm_head`` as is), in ``dtype``."""
+    """The model's tensors under the checkpoints' names (``model.`` prefix, ``lm_head`` as is), in ``dtype``.
+
+    Merged prepacked projections (:func:`swattn.models.prepack.prepack`) are given as their parts.
+    """
+    merged_parts = {merged: names for merged, names in FUSED.values()}
+    modules = dict(model.named_modules())
     out = {}
     for name, t in model.state_dict().items():
-        key = name if name.startswith("lm_head") else f"model.{name}"
-        out[key] = t.detach().to(dtype).contiguous()
+        owner, _, leaf = name.rpartition(".")
+        layer = modules.get(owner)
+        if isinstance(layer, PrepackedLinear) and layer.parts:
+            base, _, merged = owner.rpartition(".")
+            pieces = {f"{base}.{part}.{leaf}": w for part, w in zip(merged_parts[merged], t.split(layer.parts))}
+        else:
+            pieces = {name: t}
+        for piece, tensor in pieces.items():
+            key = piece if piece.startswith("lm_head") else f"model.{piece}"
+            out[key] = tensor.detach().to(dtype).contiguous()
     return out
 
 

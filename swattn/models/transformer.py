@@ -7,6 +7,8 @@ Module names follow the Hugging Face checkpoints, so a state dict loads as it is
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -19,6 +21,27 @@ from swattn.models.config import ModelConfig, Rope
 from swattn.models.layers import Linear, PrepackedLinear, QuantEmbedding, QuantLinear
 from swattn.ops import cpu, linear
 from swattn.ops.api import sliding_window_attention
+
+
+# Projections that read the same input and may run as one product at inference: per block part,
+# the merged layer's name and the layers it stands for, in the order of its output features
+FUSED = {"self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")), "mlp": ("gate_up_proj", ("gate_proj", "up_proj"))}
+
+
+def projection_groups(model: nn.Module) -> Iterator[tuple[nn.Module, str, tuple[str, ...]]]:
+    """``(owner, merged name, part names)`` for each block's q/k/v and gate/up projections still held apart."""
+    for block in model.layers:
+        for part, (merged, names) in FUSED.items():
+            owner = getattr(block, part)
+            if getattr(owner, merged) is None and all(hasattr(owner, n) for n in names):
+                yield owner, merged, names
+
+
+@functools.lru_cache(maxsize=8)
+def _in_dtype(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to ``dtype``, as a Python number (Gemma casts the embedding scale to the
+    activations' dtype first: 48.0 exactly in bf16; a number multiplies as that tensor would)."""
+    return float(torch.tensor(value, dtype=dtype))
 
 
 def _row_kernel(x: torch.Tensor, limit: int | None = linear.SMALL_ROWS) -> bool:
@@ -52,10 +75,24 @@ class RMSNorm(nn.Module):
 
 def rotary(pos: torch.Tensor, head_dim: int, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of the rotary embedding for positions ``(batch, seq)``: ``(batch, 1, seq, head_dim)`` fp32."""
-    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    freqs = pos.float().unsqueeze(-1) * (inv_freq / rope.linear_factor)  # (batch, seq, head_dim / 2)
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().unsqueeze(1), emb.sin().unsqueeze(1)
+    angles = pos.float()[:, None, :, None] * _frequencies(head_dim, rope, pos.device)
+    return angles.cos(), angles.sin()
+
+
+@functools.lru_cache(maxsize=32)
+def _frequencies(head_dim: int, rope: Rope, device: torch.device) -> torch.Tensor:
+    """Each lane's angle per position ``(head_dim,)`` fp32, both halves (the same each step: built once)."""
+    with torch.inference_mode(False):  # an ordinary tensor, whatever mode the first caller runs in
+        inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        half = inv_freq / rope.linear_factor
+        return torch.cat([half, half]).to(device)
+
+
+def rotations(pos: torch.Tensor, cfg: ModelConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """cos, sin for local and global layers (one computation where their rotary settings agree)."""
+    local = rotary(pos, cfg.head_dim, cfg.rope_local)
+    same = cfg.rope_global == cfg.rope_local
+    return {"local": local, "global": local if same else rotary(pos, cfg.head_dim, cfg.rope_global)}
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -341,15 +378,13 @@ class CausalLM(nn.Module):
         cfg = self.cfg
         ids = torch.cat([i.reshape(1, -1) for i, _, _ in parts], dim=1)
         pos = torch.cat([p.reshape(1, -1) for _, p, _ in parts], dim=1)
-        x = self.embed_tokens(ids)
-        if cfg.gemma_norms:
-            x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
-        rotations = {"local": rotary(pos, cfg.head_dim, cfg.rope_local), "global": rotary(pos, cfg.head_dim, cfg.rope_global)}
+        x = self._embed(ids)
+        tables = rotations(pos, cfg)
         shapes = [tuple(i.shape) for i, _, _ in parts]
         positions = [p for _, p, _ in parts]
         aligned = [c.aligned(p) for _, p, c in parts]
         for li, layer in enumerate(self.layers):
-            cos, sin = rotations["local" if cfg.windows[li] is not None else "global"]
+            cos, sin = tables["local" if cfg.windows[li] is not None else "global"]
             packed = PackedLayer(shapes, [c[li] for _, _, c in parts], positions, aligned)
             x = layer(x, pos, cos, sin, packed)
         last, start = [], 0
@@ -358,6 +393,13 @@ class CausalLM(nn.Module):
             start += rows * length
         logits = self.logits(self.norm(x[0, last]))
         return list(logits.split([rows for rows, _ in shapes]))
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The embeddings of ``ids`` ``(batch, seq)``: ``(batch, seq, hidden)``, times Gemma's scale."""
+        x = self.embed_tokens(ids)
+        if self.cfg.gemma_norms:  # in place: the lookup's own fresh tensor (a mul by a scalar needs no saved input)
+            x = x.mul_(_in_dtype(self.cfg.embed_scale, x.dtype))
+        return x
 
     def features(self, ids: torch.Tensor, pos: torch.Tensor | None = None, cache: ModelCache | None = None,
                  last_only: bool = False) -> torch.Tensor:
@@ -370,13 +412,11 @@ class CausalLM(nn.Module):
             if cache is not None:  # the cache stores by position
                 attn_pos = pos
         cfg = self.cfg
-        x = self.embed_tokens(ids)
-        if cfg.gemma_norms:  # the scale is cast to the activation dtype first (48.0 exactly in bf16)
-            x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
-        rotations = {"local": rotary(pos, cfg.head_dim, cfg.rope_local), "global": rotary(pos, cfg.head_dim, cfg.rope_global)}
+        x = self._embed(ids)
+        tables = rotations(pos, cfg)
         # one host read for all layers: do the positions continue what the caches hold densely?
         aligned = cache is not None and cache.aligned(attn_pos)
         for i, layer in enumerate(self.layers):
-            cos, sin = rotations["local" if cfg.windows[i] is not None else "global"]
+            cos, sin = tables["local" if cfg.windows[i] is not None else "global"]
             x = layer(x, attn_pos, cos, sin, None if cache is None else cache[i], aligned)
         return self.norm(x[:, -1:] if last_only else x)
