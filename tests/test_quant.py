@@ -101,7 +101,7 @@ def test_unsupported_shapes_are_named():
 
 
 @pytest.mark.parametrize("fmt", quant.FORMATS)
-@pytest.mark.parametrize("k,n", [(64, 16), (192, 37), (640, 1000)])
+@pytest.mark.parametrize("k,n", [(64, 16), (192, 37), (640, 1000), (4096, 48)])  # the last: rows quantized in parallel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantized_kernel_every_row_count(simd, fmt, k, n, dtype):
     torch.manual_seed(k + n)

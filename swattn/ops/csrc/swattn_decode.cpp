@@ -339,13 +339,15 @@ void run(const Step& st, const at::Tensor& q, const at::Tensor& k, const at::Ten
     sp[b * S + slot] = p;
     lp[b] = p;
   }
-  // the slots each row scans: a ring all of them; a full cache those a window can reach, up to p
+  // the slots each row scans: a ring all of them, or up to p while p < S (position q sits in
+  // slot q % S, so a visible key, q <= p < S, sits in slot q <= p: a ring not yet full scans
+  // only its filled part); a full cache those a window can reach, up to p
   std::vector<int64_t> lo(B), hi(B);
   int64_t longest = 0;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t p = pp[b];
     if (st.ring) {
-      lo[b] = 0, hi[b] = S;
+      lo[b] = 0, hi[b] = std::min(S, p + 1);
     } else {
       lo[b] = st.window > 0 ? std::max<int64_t>(0, p - st.window + 1) : 0;
       hi[b] = std::min(std::max<int64_t>(st.used, p + 1), S);

@@ -15,7 +15,7 @@
 //       q in 0..15 (w = s * (q - 8));
 //   scales (P, b, l) fp16.
 // Activation rows are quantized per block of 32 to int8 (scale max|x| / 127, as llama.cpp's
-// Q8_0 activations). One vpdpbusd (AVX512-VNNI: unsigned x signed bytes) takes 4 values of
+// Q8_0 activations; in vector code, and rows in parallel for long ones), stored block-major. One vpdpbusd (AVX512-VNNI: unsigned x signed bytes) takes 4 values of
 // 16 features against 4 values of one row broadcast, so a block costs each row 8 integer dot
 // products and one float update for 16 features together, with no horizontal sums; the
 // weights' offset (128 or 8) enters as the dot product's starting value, -offset * sum(x_q).
@@ -54,43 +54,96 @@ std::atomic<bool> g_simd{true};
 bool use_simd() { return g_simd.load(std::memory_order_relaxed); }
 
 // Activation rows quantized per block: int8 values, each block's scale, -offset * sum(q).
+// Block-major, so that a kernel reaches every row of a block at fixed offsets from one
+// pointer (row-major, 8 rows' pointers did not fit the registers: spills in the inner loop).
 struct QuantRows {
   int64_t M = 0, K = 0;
-  std::vector<int8_t> q;       // (M, K)
-  std::vector<float> scale;    // (M, K / 32)
-  std::vector<int32_t> start;  // (M, K / 32): -offset * sum of the block's q
+  std::vector<int8_t> q;       // (K / 32, M, 32)
+  std::vector<float> scale;    // (K / 32, M)
+  std::vector<int32_t> start;  // (K / 32, M): -offset * sum of the block's q
 };
 
+// One block of 32 values at v (already float), quantized to qb; gives the block's scale and sum(q).
+inline float quantize_block(const float* v, int8_t* qb, int32_t& sum) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(v[i]));
+  const float d = amax / 127.0f;
+  const float id = d > 0.0f ? 1.0f / d : 0.0f;
+  sum = 0;
+  for (int64_t i = 0; i < kBlock; ++i) {
+    const int32_t qi = static_cast<int32_t>(std::nearbyint(v[i] * id));
+    qb[i] = static_cast<int8_t>(std::max(-127, std::min(127, qi)));
+    sum += qb[i];
+  }
+  return d;
+}
+
+#if SWATTN_VNNI
+// The same for a block held in two vectors: the same products and rounding (to nearest even,
+// as nearbyint in the default mode), so the same bytes as the loop above.
+inline float quantize_block_simd(__m512 lo, __m512 hi, int8_t* qb, int32_t& sum) {
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+  const float d = amax / 127.0f;
+  const __m512 id = _mm512_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
+  const __m512i top = _mm512_set1_epi32(127), bottom = _mm512_set1_epi32(-127);
+  const __m512i qlo = _mm512_max_epi32(bottom, _mm512_min_epi32(top, _mm512_cvtps_epi32(_mm512_mul_ps(lo, id))));
+  const __m512i qhi = _mm512_max_epi32(bottom, _mm512_min_epi32(top, _mm512_cvtps_epi32(_mm512_mul_ps(hi, id))));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(qb), _mm512_cvtepi32_epi8(qlo));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(qb + 16), _mm512_cvtepi32_epi8(qhi));
+  sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+  return d;
+}
+
+inline void load_block(const float* x, __m512& lo, __m512& hi) {
+  lo = _mm512_loadu_ps(x), hi = _mm512_loadu_ps(x + 16);
+}
+
+inline void load_block(const c10::BFloat16* x, __m512& lo, __m512& hi) {
+  const __m512i raw = _mm512_loadu_si512(x);  // 32 bf16: widening is a shift into the high half
+  lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)), 16));
+  hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(raw, 1)), 16));
+}
+#endif
+
+// One block of x's row at xb, on the SIMD path where it runs.
 template <typename T>
-QuantRows quantize_rows(const T* x, int64_t M, int64_t K, int32_t offset) {
+inline float quantize_block_at(const T* xb, int8_t* qb, int32_t& sum, bool simd) {
+#if SWATTN_VNNI
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
+    if (simd) {
+      __m512 lo, hi;
+      load_block(xb, lo, hi);
+      return quantize_block_simd(lo, hi, qb, sum);
+    }
+  }
+#endif
+  (void)simd;
+  float v[kBlock];
+  for (int64_t i = 0; i < kBlock; ++i) v[i] = static_cast<float>(xb[i]);
+  return quantize_block(v, qb, sum);
+}
+
+template <typename T>
+QuantRows quantize_rows(const T* x, int64_t M, int64_t K, int32_t offset, bool simd) {
   QuantRows r;
   r.M = M, r.K = K;
   const int64_t nb = K / kBlock;
   r.q.resize(M * K);
   r.scale.resize(M * nb);
   r.start.resize(M * nb);
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t b = 0; b < nb; ++b) {
-      const T* xb = x + m * K + b * kBlock;
-      float v[kBlock];
-      float amax = 0.0f;
-      for (int64_t i = 0; i < kBlock; ++i) {
-        v[i] = static_cast<float>(xb[i]);
-        amax = std::max(amax, std::fabs(v[i]));
+  // rows in parallel once there is enough work to pay for waking the threads (8 rows of a
+  // down projection's 9216: a one-panel call 21 -> 15 us on 2 threads; 4 rows gained nothing)
+  at::parallel_for(0, M, M * K >= (1 << 16) ? 1 : M, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      for (int64_t b = 0; b < nb; ++b) {
+        const T* xb = x + m * K + b * kBlock;
+        int8_t* qb = r.q.data() + (b * M + m) * kBlock;
+        int32_t sum = 0;
+        r.scale[b * M + m] = quantize_block_at(xb, qb, sum, simd);
+        r.start[b * M + m] = -offset * sum;
       }
-      const float d = amax / 127.0f;
-      const float id = d > 0.0f ? 1.0f / d : 0.0f;
-      int8_t* qb = r.q.data() + m * K + b * kBlock;
-      int32_t sum = 0;
-      for (int64_t i = 0; i < kBlock; ++i) {
-        const int32_t qi = static_cast<int32_t>(std::nearbyint(v[i] * id));
-        qb[i] = static_cast<int8_t>(std::max(-127, std::min(127, qi)));
-        sum += qb[i];
-      }
-      r.scale[m * nb + b] = d;
-      r.start[m * nb + b] = -offset * sum;
     }
-  }
+  });
   return r;
 }
 
@@ -113,15 +166,16 @@ constexpr int64_t kPanelBytesPerColumn = BITS == 8 ? kLanes : kLanes / 2;
 // Portable: a panel's 16 features for rows m0 .. m0+rows; out (rows, 16).
 template <int BITS>
 void panel_portable(const uint8_t* w, const at::Half* ws, const QuantRows& xr, int64_t m0, int rows, float* out) {
-  const int64_t K = xr.K, nb = K / kBlock;
+  const int64_t M = xr.M, nb = xr.K / kBlock;
   for (int r = 0; r < rows; ++r) {
-    const int8_t* xq = xr.q.data() + (m0 + r) * K;
     for (int64_t l = 0; l < kLanes; ++l) {
       float acc = 0.0f;
       for (int64_t b = 0; b < nb; ++b) {
-        int32_t dot = xr.start[(m0 + r) * nb + b];
-        for (int64_t k = b * kBlock; k < (b + 1) * kBlock; ++k) dot += weight_byte<BITS>(w, l, k) * xq[k];
-        acc += static_cast<float>(dot) * (static_cast<float>(ws[b * kLanes + l]) * xr.scale[(m0 + r) * nb + b]);
+        const int64_t at = b * M + m0 + r;
+        const int8_t* xq = xr.q.data() + at * kBlock;
+        int32_t dot = xr.start[at];
+        for (int64_t i = 0; i < kBlock; ++i) dot += weight_byte<BITS>(w, l, b * kBlock + i) * xq[i];
+        acc += static_cast<float>(dot) * (static_cast<float>(ws[b * kLanes + l]) * xr.scale[at]);
       }
       out[r * kLanes + l] = acc;
     }
@@ -138,12 +192,12 @@ inline void dpbusd_bcast(__m512i& acc, const __m512i& w, const int32_t* x) {
 
 template <int BITS, int R>
 void panel_vnni(const uint8_t* w, const at::Half* ws, const QuantRows& xr, int64_t m0, float* out) {
-  const int64_t K = xr.K, nb = K / kBlock;
+  const int64_t M = xr.M, nb = xr.K / kBlock;
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  const int8_t* xq = xr.q.data() + m0 * K;
-  const float* xs = xr.scale.data() + m0 * nb;
-  const int32_t* x0 = xr.start.data() + m0 * nb;
+  const int8_t* xq = xr.q.data() + m0 * kBlock;  // block b, row r: xq + (b * M + r) * 32
+  const float* xs = xr.scale.data() + m0;        // block b, row r: xs[b * M + r]
+  const int32_t* x0 = xr.start.data() + m0;
   const __m512i low = _mm512_set1_epi8(0x0F);
   constexpr int64_t block_bytes = BITS * kBlock * kLanes / 8;
   for (int64_t b = 0; b < nb; ++b) {
@@ -165,16 +219,19 @@ void panel_vnni(const uint8_t* w, const at::Half* ws, const QuantRows& xr, int64
       }
     }
     const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + b * kLanes)));
+    const int8_t* xqb = xq + b * M * kBlock;
+    const float* xsb = xs + b * M;
+    const int32_t* x0b = x0 + b * M;
     for (int r = 0; r < R; ++r) {
-      const int32_t* xb = reinterpret_cast<const int32_t*>(xq + r * K + b * kBlock);
-      __m512i d0 = _mm512_set1_epi32(x0[r * nb + b]);
+      const int32_t* xb = reinterpret_cast<const int32_t*>(xqb + r * kBlock);
+      __m512i d0 = _mm512_set1_epi32(x0b[r]);
       __m512i d1 = _mm512_setzero_si512();
       for (int j = 0; j < 8; j += 2) {  // two chains: the dot products' latency, not their rate
         dpbusd_bcast(d0, wv[j], xb + j);
         dpbusd_bcast(d1, wv[j + 1], xb + j + 1);
       }
       const __m512 d = _mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1));
-      acc[r] = _mm512_fmadd_ps(d, _mm512_mul_ps(s, _mm512_set1_ps(xs[r * nb + b])), acc[r]);
+      acc[r] = _mm512_fmadd_ps(d, _mm512_mul_ps(s, _mm512_set1_ps(xsb[r])), acc[r]);
     }
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * kLanes, acc[r]);
@@ -243,15 +300,15 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   TORCH_CHECK(K % 64 == 0, "in_features must be a multiple of 64, got ", K);
   TORCH_CHECK(scales.dim() == 2 && scales.size(0) == panels && scales.size(1) == nb * kLanes, "scales have the wrong shape");
   const int64_t M = check_rows(x, K);
+  const bool simd = use_simd();
   QuantRows xr;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "quantize_rows", [&] {
-    xr = quantize_rows(x.data_ptr<scalar_t>(), M, K, bits == 8 ? kOffset<8> : kOffset<4>);
+    xr = quantize_rows(x.data_ptr<scalar_t>(), M, K, bits == 8 ? kOffset<8> : kOffset<4>, simd);
   });
   at::Tensor y = at::empty(out_shape(x, N), x.options());
   const uint8_t* wq = qweight.data_ptr<uint8_t>();
   const at::Half* sc = scales.data_ptr<at::Half>();
   const int64_t panel_bytes = qweight.size(1), panel_scales = scales.size(1);
-  const bool simd = use_simd();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "quant_linear", [&] {
     scalar_t* yp = y.data_ptr<scalar_t>();
     at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
