@@ -30,10 +30,10 @@ FUSED = {"self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")), "mlp": ("gat
 
 def projection_groups(model: nn.Module) -> Iterator[tuple[nn.Module, str, tuple[str, ...]]]:
     """``(owner, merged name, part names)`` for each block's q/k/v and gate/up projections still held apart."""
-    for block in model.layers:
+    for block in getattr(model, "layers", ()):  # (prepacking also takes modules that are no CausalLM)
         for part, (merged, names) in FUSED.items():
-            owner = getattr(block, part)
-            if getattr(owner, merged) is None and all(hasattr(owner, n) for n in names):
+            owner = getattr(block, part, None)
+            if getattr(owner, merged, None) is None and all(hasattr(owner, n) for n in names):
                 yield owner, merged, names
 
 
