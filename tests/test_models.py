@@ -204,6 +204,11 @@ def test_bf16_models_load_prepacked_and_give_the_plain_models_logits(pair, monke
     assert state_dict_hf(packed, torch.bfloat16).keys() == state_dict_hf(plain, torch.bfloat16).keys()
     for name, t in state_dict_hf(packed, torch.bfloat16).items():
         assert torch.equal(t, state_dict_hf(plain, torch.bfloat16)[name]), name
+    apart = load(path, dtype=torch.bfloat16, fuse=False)  # prepacked, projections kept apart
+    assert isinstance(apart.layers[0].self_attn.q_proj, PrepackedLinear) and apart.layers[0].mlp.gate_up_proj is None
+    with torch.no_grad():  # (equal here; another oneDNN may block the merged product differently)
+        c = apart(ids).double()
+    assert (c - a).abs().max().item() <= 0.02 * a.abs().max().item()
     monkeypatch.setenv("SWATTN_PREPACK", "0")
     assert not any(isinstance(m, PrepackedLinear) for m in load(path, dtype=torch.bfloat16).modules())
     monkeypatch.setenv("SWATTN_PREPACK", "yes")

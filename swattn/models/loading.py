@@ -61,7 +61,8 @@ def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None,
             by ``swattn quantize``, which loads without quantizing again).
         head: the output head's (and tied embedding's) format under quantized weights:
             ``"q8"`` (default), ``"q4"`` or ``"dense"``.
-        fuse: merge quantized q/k/v and gate/up projections into one product each.
+        fuse: merge each layer's q/k/v and gate/up projections into one product each
+            (quantized or prepacked layers; inference only).
         kv_dtype: what the model's caches store keys and values as by default: ``"bf16"``,
             ``"fp16"``, ``"int8"`` (a scale per token and head) or ``"fp32"``; None: its dtype.
         prepack: hold the dense bf16 linear layers in oneDNN's blocked layout
@@ -160,7 +161,7 @@ def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None,
         quantize.fuse_projections(model)
     if prepack:
         del params  # its references would keep every plain weight alive while packed copies are made
-        prepacking.prepack(model)
+        prepacking.prepack(model, merge=fuse)
     model.dense_layers = dense_layers
     model.kv_dtype = kv_dtype
     model.path = path

@@ -40,19 +40,19 @@ def wanted(dtype: torch.dtype, prepack: bool | None) -> bool:
     return possible if prepack is None else prepack
 
 
-def prepack(model: nn.Module) -> int:
+def prepack(model: nn.Module, merge: bool = True) -> int:
     """Replaces the model's prepackable :class:`Linear` layers in place; gives how many were replaced.
 
-    Each layer's q/k/v and gate/up projections become one prepacked layer each (one product
-    per group: a decode step of the benchmark model 5% faster, prefill unchanged). Its state
-    dict then names the merged layers; :func:`unpack` and
+    ``merge``: each layer's q/k/v and gate/up projections become one prepacked layer each (one
+    product per group: a decode step of the benchmark model 5% faster, prefill unchanged). Its
+    state dict then names the merged layers; :func:`unpack` and
     :func:`swattn.models.saving.state_dict_hf` give the separate ones back.
     """
     # plain weights are dropped as soon as their packed copy exists, so memory peaks at the
     # model plus one group's weights twice (given that nothing else holds the weights:
     # swattn.load drops its references first)
     count = 0
-    for owner, merged, names in list(projection_groups(model)):
+    for owner, merged, names in list(projection_groups(model)) if merge else []:
         if all(_packable(getattr(owner, n)) for n in names):
             weights = [getattr(owner, n).weight for n in names]
             for n in names:
