@@ -308,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _scenarios(args, url: str, proc, vocab: int) -> int:
     urls = {"swattn": url, **({args.peer_name: args.peer_url} if args.peer_url else {})}
+    for u in urls.values():  # asked once here, not inside a timed request (nor blocking its event loop)
+        served_model(u)
     if "load" in args.scenario:
         scenario_load(urls, args, vocab)
     if "interference" in args.scenario:
