@@ -15,10 +15,11 @@
 //       q in 0..15 (w = s * (q - 8));
 //   scales (P, b, l) fp16.
 // Activation rows are quantized per block of 32 to int8 (scale max|x| / 127, as llama.cpp's
-// Q8_0 activations; in vector code, and rows in parallel for long ones), stored block-major. One vpdpbusd (AVX512-VNNI: unsigned x signed bytes) takes 4 values of
-// 16 features against 4 values of one row broadcast, so a block costs each row 8 integer dot
-// products and one float update for 16 features together, with no horizontal sums; the
-// weights' offset (128 or 8) enters as the dot product's starting value, -offset * sum(x_q).
+// Q8_0 activations; in vector code, and rows in parallel for long ones), stored block-major.
+// One vpdpbusd (AVX512-VNNI: unsigned x signed bytes) takes 4 values of 16 features against
+// 4 values of one row broadcast, so a block costs each row 8 integer dot products and one
+// float update for 16 features together, with no horizontal sums; the weights' offset (128 or
+// 8) enters as the dot product's starting value, -offset * sum(x_q).
 // Without VNNI the same integer arithmetic runs in portable loops (`linear_simd(0)` forces
 // them, for tests).
 #include <ATen/ATen.h>
