@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from swattn.models.layers import Linear, PrepackedLinear
-from swattn.models.transformer import FUSED, projection_groups
+from swattn.models.transformer import MERGED_PARTS, projection_groups
 from swattn.ops import linear
 
 ENV = "SWATTN_PREPACK"
@@ -71,12 +71,11 @@ def unpack(model: nn.Module) -> int:
     requiring gradients, as ``swattn.load`` gives them), merged projections into their separate
     layers again; gives how many :class:`Linear` layers result."""
     count = 0
-    merged_parts = {merged: names for merged, names in FUSED.values()}
     for owner in list(model.modules()):
         for name, child in list(owner.named_children()):
             if not isinstance(child, PrepackedLinear):
                 continue
-            names = merged_parts[name] if child.parts else (name,)
+            names = MERGED_PARTS[name] if child.parts else (name,)
             for part, weight in zip(names, child.split_weights(), strict=True):
                 with torch.device("meta"):
                     plain = Linear(child.in_features, weight.shape[0])

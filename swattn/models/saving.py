@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from swattn.models.config import ModelConfig
 from swattn.models.layers import PrepackedLinear
-from swattn.models.transformer import FUSED
+from swattn.models.transformer import MERGED_PARTS
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -61,7 +61,6 @@ def state_dict_hf(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch
 
     Merged prepacked projections (:func:`swattn.models.prepack.prepack`) are given as their parts.
     """
-    merged_parts = {merged: names for merged, names in FUSED.values()}
     modules = dict(model.named_modules())
     out = {}
     for name, t in model.state_dict().items():
@@ -69,7 +68,7 @@ def state_dict_hf(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch
         layer = modules.get(owner)
         if isinstance(layer, PrepackedLinear) and layer.parts:
             base, _, merged = owner.rpartition(".")
-            pieces = {f"{base}.{part}.{leaf}": w for part, w in zip(merged_parts[merged], t.split(layer.parts))}
+            pieces = {f"{base}.{part}.{leaf}": w for part, w in zip(MERGED_PARTS[merged], t.split(layer.parts))}
         else:
             pieces = {name: t}
         for piece, tensor in pieces.items():

@@ -26,6 +26,7 @@ from swattn.ops.api import sliding_window_attention
 # Projections that read the same input and may run as one product at inference: per block part,
 # the merged layer's name and the layers it stands for, in the order of its output features
 FUSED = {"self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")), "mlp": ("gate_up_proj", ("gate_proj", "up_proj"))}
+MERGED_PARTS = dict(FUSED.values())  # merged layer's name -> the layers it stands for
 
 
 def projection_groups(model: nn.Module) -> Iterator[tuple[nn.Module, str, tuple[str, ...]]]:
