@@ -221,14 +221,17 @@ def test_malformed_json_and_refused_conversations(server):
 
 
 def test_api_key_queue_limit_and_shutdown_while_streaming(model_dir):
-    proc, url = start_server(model_dir, "--parallel", "1", "--max-queue", "1", "--ctx-size", "4096",
+    # the second request waits only while the first runs: 16,000 tokens (about 14 s here; the test
+    # stops the server long before) leave a wide window to see it waiting, where 4,000 (3.4 s)
+    # were once missed under a loaded machine
+    proc, url = start_server(model_dir, "--parallel", "1", "--max-queue", "1", "--ctx-size", "16384",
                              "--api-key", "sekret")
     try:
         assert httpx.get(url + "/v1/models").status_code == 401
         assert httpx.get(url + "/v1/models", headers={"authorization": "Bearer wrong"}).status_code == 401
         assert httpx.get(url + "/health").status_code == 200  # probes need no key
         auth = {"authorization": "Bearer sekret"}
-        long = {"prompt": "go", "max_tokens": 4000, "temperature": 0, "stream": True, "ignore_eos": True}
+        long = {"prompt": "go", "max_tokens": 16000, "temperature": 0, "stream": True, "ignore_eos": True}
         streams, seen = [], []
 
         def hold(i):
