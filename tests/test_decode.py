@@ -61,10 +61,10 @@ def test_flash_decoding_splits_a_long_cache_across_threads(kind, kv):
     """One row and one kv head: the slots are split across threads and merged by log-sum-exp
     (many tiles of keys per split, so the running maximum's corrections are exercised too)."""
     torch.set_num_threads(max(2, torch.get_num_threads()))
-    window = 700
-    cache = RingCache(1, 1, 32, window, kv_dtype=kv) if kind == "ring" else FullCache(1, 1, 32, capacity=1200, kv_dtype=kv)
+    window = 1500  # a split holds about 550 slots: three tiles of keys (256 each)
+    cache = RingCache(1, 1, 32, window, kv_dtype=kv) if kind == "ring" else FullCache(1, 1, 32, capacity=2400, kv_dtype=kv)
     g = torch.Generator().manual_seed(1)
-    n = 1100
+    n = 2200
     q = torch.randn(1, 4, n, 32, generator=g)
     k, v = torch.randn(1, 1, n, 32, generator=g), torch.randn(1, 1, n, 32, generator=g)
     pos = torch.arange(n).view(1, -1)

@@ -37,7 +37,8 @@ namespace swattn {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr int64_t kTileKeys = 64;
+constexpr int64_t kTileKeys = 256;  // keys scored before their values are read (their values,
+                                     // prefetched meanwhile, wait in L2: 128 KiB at head_dim 256)
 constexpr int64_t kMinSlotsPerSplit = 256;
 constexpr int64_t kAheadKeys = 6;  // key rows prefetched ahead on the bf16 path
 std::atomic<bool> g_native_decode{true};  // bf16 / int8 caches on AVX-512 (off: the portable loops, for tests)
@@ -159,9 +160,10 @@ void partial(const Step& st, const TQ* q, const TC* ck, const TC* cv, const floa
 
 #if defined(__AVX512BF16__)
 // The same partial softmax for bf16 and int8 caches with AVX-512. bf16: scores by vdpbf16ps
-// (q rounded to bf16, as the native bf16 forward does); int8: keys widened 16 at a time and
-// scaled once per key. Values are widened 16 lanes at a time and accumulated for the G heads
-// together; rows are prefetched ahead. head_dim a multiple of 32.
+// (q rounded to bf16, as the native bf16 forward does), values two keys at a time by vdpbf16ps
+// with the probabilities rounded to bf16 (as the bf16 forward rounds them before the product
+// with V); int8: keys and values widened 16 at a time, scaled once per key. The G heads share
+// each row read; rows are prefetched ahead. head_dim a multiple of 32.
 template <typename TC>
 inline __m512 widen16(const TC* src) {
   if constexpr (std::is_same_v<TC, c10::BFloat16>) {
@@ -174,7 +176,7 @@ inline __m512 widen16(const TC* src) {
 
 // acc[g, c .. c + 16 * CH) += sum over the tile's n keys of s[g][j] * value(keys[j]).
 template <int G, int CH, typename TC>
-inline void values(const TC* cv, int64_t base, const int64_t* keys, int64_t n, const float (*s)[kTileKeys],
+inline void values(const TC* cv, int64_t base, const int64_t* keys, int64_t n, const float (*s)[kTileKeys + 1],
                    float* acc, int64_t D, int64_t c) {
   __m512 a[G][CH];
   for (int g = 0; g < G; ++g)
@@ -190,6 +192,53 @@ inline void values(const TC* cv, int64_t base, const int64_t* keys, int64_t n, c
   }
   for (int g = 0; g < G; ++g)
     for (int h = 0; h < CH; ++h) _mm512_storeu_ps(acc + g * D + c + 16 * h, a[g][h]);
+}
+
+// The same for bf16 values with vdpbf16ps, two keys at a time: a weight pair (s[j], s[j + 1])
+// rounded to bf16 (as a bf16 forward rounds its probabilities before the product with V) times
+// the two rows interleaved lane by lane. The accumulators come out permuted within each block of
+// 32: acc[c + 4L + i] holds element c + 8L + i, acc[c + 16 + 4L + i] element c + 8L + 4 + i
+// (L: 128-bit lane, i < 4); unpermute() restores the order. n is even (the caller pads).
+template <int G, int CH>
+inline void values_pairs(const c10::BFloat16* cv, int64_t base, const int64_t* keys, int64_t n,
+                         const int32_t (*w)[kTileKeys / 2 + 1], float* acc, int64_t D, int64_t c) {
+  __m512 a[G][CH][2];
+  for (int g = 0; g < G; ++g)
+    for (int h = 0; h < CH; ++h)
+      for (int k = 0; k < 2; ++k) a[g][h][k] = _mm512_loadu_ps(acc + g * D + c + 32 * h + 16 * k);
+  for (int64_t j = 0; j < n; j += 2) {
+    const c10::BFloat16* va = cv + (base + keys[j]) * D + c;
+    const c10::BFloat16* vb = cv + (base + keys[j + 1]) * D + c;
+    __m512bh lo[CH], hi[CH];
+    for (int h = 0; h < CH; ++h) {
+      const __m512i ra = _mm512_loadu_si512(va + 32 * h), rb = _mm512_loadu_si512(vb + 32 * h);
+      lo[h] = (__m512bh)_mm512_unpacklo_epi16(ra, rb);
+      hi[h] = (__m512bh)_mm512_unpackhi_epi16(ra, rb);
+    }
+    for (int g = 0; g < G; ++g) {
+      const __m512bh wp = (__m512bh)_mm512_set1_epi32(w[g][j / 2]);
+      for (int h = 0; h < CH; ++h) {
+        a[g][h][0] = _mm512_dpbf16_ps(a[g][h][0], lo[h], wp);
+        a[g][h][1] = _mm512_dpbf16_ps(a[g][h][1], hi[h], wp);
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int h = 0; h < CH; ++h)
+      for (int k = 0; k < 2; ++k) _mm512_storeu_ps(acc + g * D + c + 32 * h + 16 * k, a[g][h][k]);
+}
+
+// Undoes values_pairs' order in each block of 32 of rows x D accumulators.
+inline void unpermute(float* acc, int64_t rows, int64_t D) {
+  float t[32];
+  for (int64_t c = 0; c < rows * D; c += 32) {
+    for (int L = 0; L < 4; ++L)
+      for (int i = 0; i < 4; ++i) {
+        t[8 * L + i] = acc[c + 4 * L + i];
+        t[8 * L + 4 + i] = acc[c + 16 + 4 * L + i];
+      }
+    std::copy(t, t + 32, acc + c);
+  }
 }
 
 template <int G, typename TQ, typename TC>
@@ -217,8 +266,8 @@ void partial_simd(const Step& st, const TQ* q, const TC* ck, const TC* cv, const
   std::fill(acc, acc + G * D, 0.0f);
   const int64_t base = (b * st.Hkv + hk) * st.S;
   const int64_t* sp = slot_pos + b * st.S;
-  float s[G][kTileKeys];
-  int64_t keys[kTileKeys];
+  float s[G][kTileKeys + 1];  // + 1: values_pairs' pad
+  int64_t keys[kTileKeys + 1];
   for (int64_t t0 = j0; t0 < j1; t0 += kTileKeys) {
     const int64_t t1 = std::min(j1, t0 + kTileKeys);
     int64_t n = 0;  // the tile's visible keys, compacted
@@ -268,17 +317,36 @@ void partial_simd(const Step& st, const TQ* q, const TC* ck, const TC* cv, const
       float* ag = acc + g * D;
       for (int64_t e = 0; e < D; ++e) ag[e] *= corr;
     }
-    if constexpr (!kBf16)  // int8 values: their scale joins the weights
-      for (int64_t j = 0; j < n; ++j)
+    if constexpr (kBf16) {
+      // two keys per vdpbf16ps: half the products and conversions of widening each value row
+      if (n & 1) {  // an odd tile ends with a zero weight on a repeated key
+        keys[n] = keys[n - 1];
+        for (int g = 0; g < G; ++g) s[g][n] = 0.0f;
+      }
+      const int64_t pairs = (n + 1) / 2;
+      int32_t w[G][kTileKeys / 2 + 1];
+      for (int g = 0; g < G; ++g)
+        for (int64_t i = 0; i < pairs; ++i)
+          w[g][i] = static_cast<int32_t>(c10::BFloat16(s[g][2 * i]).x) |
+                    (static_cast<int32_t>(c10::BFloat16(s[g][2 * i + 1]).x) << 16);
+      // G x kBlocks x 2 chains of dependent products in flight keep the units busy
+      constexpr int kBlocks = G >= 8 ? 1 : 8 / G;
+      int64_t c = 0;
+      for (; c + 32 * kBlocks <= D; c += 32 * kBlocks) values_pairs<G, kBlocks>(cv, base, keys, 2 * pairs, w, acc, D, c);
+      for (; c < D; c += 32) values_pairs<G, 1>(cv, base, keys, 2 * pairs, w, acc, D, c);
+    } else {
+      for (int64_t j = 0; j < n; ++j)  // int8 values: their scale joins the weights
         for (int g = 0; g < G; ++g) s[g][j] *= vs[base + keys[j]];
-    // every head's output over the tile's values, kChunks x 16 lanes at a time: each lane's sum
-    // is a chain of n dependent FMAs, so G x kChunks of them in flight keep the FMA units busy
-    // (16 lanes of 2 heads at a time left 2 chains, bound by the FMA's latency, not its rate)
-    constexpr int kChunks = G >= 8 ? 1 : 8 / G;
-    int64_t c = 0;
-    for (; c + 16 * kChunks <= D; c += 16 * kChunks) values<G, kChunks>(cv, base, keys, n, s, acc, D, c);
-    for (; c < D; c += 16) values<G, 1>(cv, base, keys, n, s, acc, D, c);
+      // every head's output over the tile's values, kChunks x 16 lanes at a time: each lane's sum
+      // is a chain of n dependent FMAs, so G x kChunks of them in flight keep the FMA units busy
+      // (16 lanes of 2 heads at a time left 2 chains, bound by the FMA's latency, not its rate)
+      constexpr int kChunks = G >= 8 ? 1 : 8 / G;
+      int64_t c = 0;
+      for (; c + 16 * kChunks <= D; c += 16 * kChunks) values<G, kChunks>(cv, base, keys, n, s, acc, D, c);
+      for (; c < D; c += 16) values<G, 1>(cv, base, keys, n, s, acc, D, c);
+    }
   }
+  if constexpr (kBf16) unpermute(acc, G, D);
 }
 #endif
 
