@@ -121,6 +121,21 @@ def test_quantized_kernel_every_row_count(simd, fmt, k, n, dtype):
         assert (y.float() - plain).norm() / plain.norm() < 0.02
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_dequantize_kernel_equals_the_format(simd, fmt, dtype):
+    """The extension's panel dequantizer (prefill's) gives exactly the format's values in the
+    activations' dtype, over feature ranges that start at a panel and end anywhere."""
+    torch.manual_seed(2)
+    w = torch.randn(75, 192) * torch.rand(75, 1) * 3  # 75 features: five panels, the last part padding
+    qweight, scales = quant.quantize(w, fmt)
+    dense = quant.dequantize(qweight, scales, fmt, 75).to(dtype)
+    like = torch.empty(0, dtype=dtype)
+    for start, stop in [(0, 75), (16, 33), (64, 75), (48, 48)]:
+        got = torch.ops.swattn.dequantize(qweight, scales, quant.BITS[fmt], start, stop, like)
+        assert got.dtype == dtype and torch.equal(got, dense[start:stop])
+
+
 @pytest.mark.parametrize("fmt", quant.FORMATS)
 def test_quantized_prefill_panels(fmt, monkeypatch):
     """More rows than the kernels take: dequantized panels of output features through PyTorch's product."""
@@ -284,3 +299,26 @@ def test_accuracy_against_fp32(weights, head, kv, max_kl, min_top1):
         with torch.inference_mode():
             lp = F.log_softmax(rough(ids).float(), -1)[0]
         assert (ref.exp() * (ref - lp)).sum(-1).mean().item() > kl
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "apart"])
+def test_a_long_input_dequantizes_each_mlp_weight_once(dtype, fuse, monkeypatch):
+    """More tokens than one MLP chunk at inference: each quantized weight is dequantized once for
+    all the chunks (not once per chunk), and the output is what each chunk gives alone."""
+    from swattn.models.transformer import MLP
+
+    model = swattn.load(dtype=dtype, weights="q4", fuse=fuse)
+    mlp = model.layers[0].mlp
+    x = torch.randn(1, 60, model.cfg.hidden_size, generator=torch.Generator().manual_seed(4)).to(model.dtype)
+    monkeypatch.setattr(MLP, "INFERENCE_CHUNK", 20)  # three chunks, each more rows than the decode kernels take
+    panels = []
+    real = linear._dense_panel
+    monkeypatch.setattr(linear, "_dense_panel", lambda *a: panels.append(a[3]) or real(*a))
+    layers = [m for m in mlp.children() if isinstance(m, QuantLinear)]
+    with torch.inference_mode():
+        got = mlp(x)
+        assert len(panels) == sum(-(-m.out_features // linear.PANEL) for m in layers)
+        want = torch.cat([mlp(part) for part in x.split(20, dim=1)], dim=1)
+    assert len(panels) == 4 * sum(-(-m.out_features // linear.PANEL) for m in layers)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -150,6 +150,12 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear.quantized(x, self.qweight, self.scales, self.fmt, self.out_features)
 
+    def expanded(self, like: torch.Tensor):
+        """This layer with its weight dequantized (to ``like``'s dtype) once, for many inputs: a
+        function ``x`` ``(..., in_features)`` -> ``(..., out_features)`` that holds the dense weight."""
+        panels = linear.expand_quantized(self.qweight, self.scales, self.fmt, self.out_features, like)
+        return lambda x: linear.expanded_product(x, panels, self.out_features)
+
     @classmethod
     def fused(cls, parts: list[QuantLinear]) -> QuantLinear:
         """One layer computing ``parts`` side by side (each's out_features a multiple of 16, one format and input)."""

@@ -173,22 +173,47 @@ def dense(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def quantized(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, fmt: str, n: int) -> torch.Tensor:
     """``x`` ``(..., K)`` times a quantized weight of ``n`` features (see :mod:`swattn.quant`) transposed:
     ``(..., n)`` in x's dtype."""
-    bits = quant.BITS[fmt]
     if _small(x):
-        return torch.ops.swattn.quant_linear(x.contiguous(), qweight, scales, bits, n)
+        return torch.ops.swattn.quant_linear(x.contiguous(), qweight, scales, quant.BITS[fmt], n)
+    # one panel of the weight dense at a time
+    panels = (_dense_panel(qweight, scales, fmt, start, min(n, start + PANEL), x) for start in range(0, n, PANEL))
+    return expanded_product(x, panels, n)
+
+
+def expand_quantized(qweight: torch.Tensor, scales: torch.Tensor, fmt: str, n: int,
+                     like: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """A quantized weight of ``n`` features dequantized to ``like``'s dtype once, for many products
+    (a long input in chunks): ``(first feature, panel)`` pairs of up to ``PANEL`` features, each
+    prepacked where it can be. They hold the dense weight's bytes; :func:`expanded_product` takes them."""
+    return [_dense_panel(qweight, scales, fmt, start, min(n, start + PANEL), like) for start in range(0, n, PANEL)]
+
+
+def expanded_product(x: torch.Tensor, panels, n: int) -> torch.Tensor:
+    """``x`` ``(..., K)`` times the weight of ``n`` features that ``panels`` (from :func:`expand_quantized`) hold."""
     rows = x.reshape(-1, x.shape[-1])
-    out = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
-    for start in range(0, n, PANEL):
-        stop = min(n, start + PANEL)
-        if kernels():
-            panel = torch.ops.swattn.dequantize(qweight, scales, bits, start, stop, x)
-        else:
-            first, last = start // quant.LANES, -(-stop // quant.LANES)
-            panel = quant.dequantize(qweight[first:last], scales[first:last], fmt, stop - start, x.dtype)
-        if stop - start == n:
-            return product(rows, panel).view(*x.shape[:-1], n)
-        out[:, start:stop] = product(rows, panel)
+    out = None
+    for start, panel in panels:
+        part = prepacked(rows, panel) if panel.is_mkldnn else product(rows, panel)
+        if part.shape[1] == n:
+            return part.view(*x.shape[:-1], n)
+        if out is None:
+            out = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
+        out[:, start : start + part.shape[1]] = part
     return out.view(*x.shape[:-1], n)
+
+
+def _dense_panel(qweight: torch.Tensor, scales: torch.Tensor, fmt: str, start: int, stop: int,
+                 like: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """Features ``start .. stop`` of a quantized weight in ``like``'s dtype: ``(start, (stop - start, K))``,
+    prepacked for oneDNN where it can be (4096 x 2304 x 4096 bf16: 84.5 against 88.2 ms, the reorder included)."""
+    if kernels():
+        panel = torch.ops.swattn.dequantize(qweight, scales, quant.BITS[fmt], start, stop, like)
+    else:
+        first, last = start // quant.LANES, -(-stop // quant.LANES)
+        panel = quant.dequantize(qweight[first:last], scales[first:last], fmt, stop - start, like.dtype)
+    if can_prepack(panel) and not _needs_grad(like):
+        panel = prepack(panel)
+    return start, panel
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:

@@ -446,6 +446,45 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight) {
 
 // Features [row0, row1) (row0 a multiple of 16) of a quantized weight as dense (rows, K)
 // values of `like`'s dtype: prefill's panels.
+#if SWATTN_VNNI
+// One panel's first `lanes` features, all K columns, into rows of `o` (row length K): each
+// block's vectors transposed to one run of 32 values per feature, widened, scaled and stored
+// 16 at a time (the scalar loop went value by value through weight_byte).
+template <int BITS, typename T>
+void dequantize_panel(const uint8_t* w, const at::Half* ws, int64_t K, int64_t lanes, T* o) {
+  constexpr int kVectors = BITS == 8 ? 8 : 4;  // 64-byte vectors per block
+  for (int64_t b = 0; b < K / kBlock; ++b) {
+    const uint32_t* src = reinterpret_cast<const uint32_t*>(w + b * kVectors * 64);
+    alignas(64) uint32_t runs[kLanes][kVectors];  // feature l's 4-byte groups in column order
+    for (int j = 0; j < kVectors; ++j)
+      for (int l = 0; l < kLanes; ++l) runs[l][j] = src[j * kLanes + l];
+    for (int64_t l = 0; l < lanes; ++l) {
+      const __m512 s = _mm512_set1_ps(static_cast<float>(ws[b * kLanes + l]));
+      __m512i lo, hi;  // columns 0..15 and 16..31 of the block
+      if constexpr (BITS == 8) {
+        const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(runs[l]));
+        lo = _mm512_cvtepu8_epi32(_mm256_castsi256_si128(v));
+        hi = _mm512_cvtepu8_epi32(_mm256_extracti128_si256(v, 1));
+      } else {  // low nibbles hold columns 0..15, high ones 16..31
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(runs[l])));
+        lo = _mm512_and_si512(v, _mm512_set1_epi32(0x0F));
+        hi = _mm512_srli_epi32(v, 4);
+      }
+      const __m512i offset = _mm512_set1_epi32(kOffset<BITS>);
+      const __m512 a = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_sub_epi32(lo, offset)));
+      const __m512 c = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_sub_epi32(hi, offset)));
+      T* dst = o + l * K + b * kBlock;
+      if constexpr (std::is_same_v<T, float>) {
+        _mm512_storeu_ps(dst, a);
+        _mm512_storeu_ps(dst + 16, c);
+      } else {
+        _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(c, a));  // round to nearest even, as the cast
+      }
+    }
+  }
+}
+#endif
+
 at::Tensor dequantize(const at::Tensor& qweight, const at::Tensor& scales, int64_t bits, int64_t row0, int64_t row1,
                       const at::Tensor& like) {
   TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4");
@@ -458,6 +497,22 @@ at::Tensor dequantize(const at::Tensor& qweight, const at::Tensor& scales, int64
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, like.scalar_type(), "dequantize", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(row0 / kLanes, (row1 + kLanes - 1) / kLanes, 4, [&](int64_t p0, int64_t p1) {
+#if SWATTN_VNNI && SWATTN_DPBF16
+      constexpr bool kNative = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>;
+      if constexpr (kNative) {
+        if (use_simd()) {
+          for (int64_t p = p0; p < p1; ++p) {
+            const int64_t n0 = p * kLanes, lanes = std::min(kLanes, row1 - n0);
+            scalar_t* dst = o + (n0 - row0) * K;
+            if (bits == 8)
+              dequantize_panel<8>(wq + p * panel_bytes, sc + p * panel_scales, K, lanes, dst);
+            else
+              dequantize_panel<4>(wq + p * panel_bytes, sc + p * panel_scales, K, lanes, dst);
+          }
+          return;
+        }
+      }
+#endif
       std::vector<float> values(kLanes * K);  // (16, K)
       for (int64_t p = p0; p < p1; ++p) {
         const uint8_t* w = wq + p * panel_bytes;
