@@ -4,11 +4,14 @@
 One local layer (a ring of `window` slots) and one global layer (a full cache) of Gemma 2
 2b's attention shape, decoding one token at a time after contexts of 1k to 128k tokens:
 median time per decoded token (cache write + attention) and the cache's memory; next to
-transformers' sliding-window cache layer where transformers is installed. Then the ring's
-memory after a million decoded tokens.
+transformers' sliding-window cache layer where transformers is installed. For the global
+layer also the rate at which the step reads its cache (keys and values as stored), beside
+the machine's read rate measured first (a cache not much larger than the last-level cache is
+read partly from there, and can beat it). Then the ring's memory after a million decoded tokens.
 
     python benchmarks/cache.py            # contexts 1k..128k, then 1,000,000 decode steps
     python benchmarks/cache.py --quick    # contexts up to 16k, 20,000 decode steps
+    python benchmarks/cache.py --contexts 16384 --kv-dtype bf16 --million 0   # a bf16 cache's read rate
     swattn bench cache [same options]
 """
 
@@ -21,8 +24,9 @@ import time
 
 import torch
 
+from swattn import dtypes
 from swattn.cache import FullCache, RingCache
-from swattn.profiling import fmt_bytes
+from swattn.profiling import fmt_bytes, read_bandwidth
 
 HEADS, HEADS_KV, HEAD_DIM, SOFTCAP = 8, 4, 256, 50.0
 SCALE = 256**-0.5
@@ -109,21 +113,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=100, help="decode steps timed per context (median)")
     parser.add_argument("--million", type=int, default=1_000_000, help="decode steps for the memory check")
+    parser.add_argument("--kv-dtype", choices=list(dtypes.KV), default="fp32", help="how the caches store keys and values")
     args = parser.parse_args(argv)
+    kv = dtypes.kv_dtype(args.kv_dtype)
     if args.quick:
         args.contexts, args.million, args.steps = [1024, 8192, 16384], 20_000, 40
     gen = torch.Generator().manual_seed(0)
-    print(f"# one attention layer, {HEADS}/{HEADS_KV} heads (q/kv), head_dim {HEAD_DIM}, fp32, soft-cap, "
-          f"window {args.window}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"# one attention layer, {HEADS}/{HEADS_KV} heads (q/kv), head_dim {HEAD_DIM}, fp32 queries, "
+          f"{args.kv_dtype} caches, soft-cap, window {args.window}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; memory read {read_bandwidth(256 << 20):.1f} GB/s", flush=True)
     print(f"# decode = per-token median over {args.steps} steps (cache write + attention; local layers timed "
           f"round-robin across contexts); memory = cache bytes")
-    header = (f"{'context':>8} | {'local (ring)':>12} {'memory':>9} | {'global (full)':>13} {'memory':>9} | "
-              f"{'transformers sliding':>20} {'memory':>9}")
+    header = (f"{'context':>8} | {'local (ring)':>12} {'memory':>9} | {'global (full)':>13} {'memory':>9} "
+              f"{'reads':>10} | {'transformers sliding':>20} {'memory':>9}")
     print(header)
     print("-" * len(header))
     # Local layers first, all contexts interleaved round by round, so that machine drift
     # falls on every context alike (the work per token is the same: the ring is full).
-    rings = {c: RingCache(1, HEADS_KV, HEAD_DIM, args.window) for c in args.contexts}
+    rings = {c: RingCache(1, HEADS_KV, HEAD_DIM, args.window, kv_dtype=kv) for c in args.contexts}
     steps = {}
     for context, ring in rings.items():
         _fill(ring, context, gen)
@@ -137,12 +144,15 @@ def main(argv: list[str] | None = None) -> int:
             samples[context].append(time.perf_counter() - start)
     local_ms = {c: 1e3 * statistics.median(samples[c]) for c in args.contexts}
     for context in args.contexts:
-        full = FullCache(1, HEADS_KV, HEAD_DIM)  # grows by doubling, as without a known capacity
+        full = FullCache(1, HEADS_KV, HEAD_DIM, kv_dtype=kv)  # grows by doubling, as without a known capacity
         _fill(full, context, gen)
         global_ms = _decode_ms(_swattn_step(full, context, args.steps, gen), args.steps)
+        # what a step reads: the visible keys and values as stored (int8: and a scale per token and head)
+        per_token = 2 * HEADS_KV * (HEAD_DIM * full.k.element_size() + (4 if full.k_scale is not None else 0))
+        reads = f"{context * per_token / global_ms / 1e6:.1f} GB/s"
         hf_ms, hf_mem = _transformers_row(args.window, context, args.steps, gen)
         print(f"{context:>8} | {local_ms[context]:9.2f} ms {fmt_bytes(rings[context].nbytes):>9} | {global_ms:10.2f} ms "
-              f"{fmt_bytes(full.nbytes):>9} | {hf_ms:>20} {hf_mem:>9}", flush=True)
+              f"{fmt_bytes(full.nbytes):>9} {reads:>10} | {hf_ms:>20} {hf_mem:>9}", flush=True)
         del full
     del rings, steps
     base = 8192 if 8192 in local_ms else min(local_ms)
