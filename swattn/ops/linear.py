@@ -3,7 +3,8 @@
 Few rows (decoding, small batches: up to ``SMALL_ROWS``) go through the CPU extension's
 kernels, which read each weight byte once for all rows; more rows (prefill, training) through
 the fastest matrix product the machine has, quantized weights dequantized to the activations'
-dtype one panel of output features at a time (so no dense copy of the whole weight is ever held).
+dtype one panel of output features at a time (so no dense copy of the whole weight is held;
+:func:`expand_quantized` makes one on purpose, for a weight that meets many inputs in turn).
 
 fp32 products: PyTorch's default (``F.linear``: MKL's sgemm on x86) runs on AMD CPUs at about
 half of what oneDNN's does (measured 205 against 433 GFLOP/s on 2 Zen 5 cores), while on Intel
