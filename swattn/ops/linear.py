@@ -24,6 +24,7 @@ see :class:`swattn.models.layers.PrepackedLinear`) and :func:`prepacked` multipl
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -176,9 +177,7 @@ def quantized(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, fmt:
     ``(..., n)`` in x's dtype."""
     if _small(x):
         return torch.ops.swattn.quant_linear(x.contiguous(), qweight, scales, quant.BITS[fmt], n)
-    # one panel of the weight dense at a time
-    panels = (_dense_panel(qweight, scales, fmt, start, min(n, start + PANEL), x) for start in range(0, n, PANEL))
-    return expanded_product(x, panels, n)
+    return expanded_product(x, _dense_panels(qweight, scales, fmt, n, x), n)  # one panel dense at a time
 
 
 def expand_quantized(qweight: torch.Tensor, scales: torch.Tensor, fmt: str, n: int,
@@ -186,7 +185,7 @@ def expand_quantized(qweight: torch.Tensor, scales: torch.Tensor, fmt: str, n: i
     """A quantized weight of ``n`` features dequantized to ``like``'s dtype once, for many products
     (a long input in chunks): ``(first feature, panel)`` pairs of up to ``PANEL`` features, each
     prepacked where it can be. They hold the dense weight's bytes; :func:`expanded_product` takes them."""
-    return [_dense_panel(qweight, scales, fmt, start, min(n, start + PANEL), like) for start in range(0, n, PANEL)]
+    return list(_dense_panels(qweight, scales, fmt, n, like))
 
 
 def expanded_product(x: torch.Tensor, panels, n: int) -> torch.Tensor:
@@ -201,6 +200,13 @@ def expanded_product(x: torch.Tensor, panels, n: int) -> torch.Tensor:
             out = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
         out[:, start : start + part.shape[1]] = part
     return out.view(*x.shape[:-1], n)
+
+
+def _dense_panels(qweight: torch.Tensor, scales: torch.Tensor, fmt: str, n: int,
+                  like: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """:func:`_dense_panel` over all ``n`` features, ``PANEL`` at a time, each made when asked for."""
+    for start in range(0, n, PANEL):
+        yield _dense_panel(qweight, scales, fmt, start, min(n, start + PANEL), like)
 
 
 def _dense_panel(qweight: torch.Tensor, scales: torch.Tensor, fmt: str, start: int, stop: int,

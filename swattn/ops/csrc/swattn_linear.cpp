@@ -444,8 +444,6 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight) {
   return y;
 }
 
-// Features [row0, row1) (row0 a multiple of 16) of a quantized weight as dense (rows, K)
-// values of `like`'s dtype: prefill's panels.
 #if SWATTN_VNNI
 // One panel's first `lanes` features, all K columns, into rows of `o` (row length K): each
 // block's vectors transposed to one run of 32 values per feature, widened, scaled and stored
@@ -485,6 +483,8 @@ void dequantize_panel(const uint8_t* w, const at::Half* ws, int64_t K, int64_t l
 }
 #endif
 
+// Features [row0, row1) (row0 a multiple of 16) of a quantized weight as dense (rows, K)
+// values of `like`'s dtype: prefill's panels.
 at::Tensor dequantize(const at::Tensor& qweight, const at::Tensor& scales, int64_t bits, int64_t row0, int64_t row1,
                       const at::Tensor& like) {
   TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4");
