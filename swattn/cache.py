@@ -33,10 +33,20 @@ SMALL_CHUNK_RATIO = 16
 KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
 
 
-def _decode_kernel(q: torch.Tensor) -> bool:
+def decode_kernel(q: torch.Tensor) -> bool:
     """Whether a one-token step runs through the compiled decode step (CPU tensors the kernel takes)."""
     return q.device.type == "cpu" and q.dtype in cpu.DTYPES and linear.kernels() and not (
         torch.is_grad_enabled() and q.requires_grad)
+
+
+def decode_call(op, *args) -> torch.Tensor:
+    """Runs a compiled decode step (``op(*args)``); positions out of order raise ValueError, in one line."""
+    try:
+        return op(*args)
+    except RuntimeError as exc:
+        if "positions must increase" in str(exc):
+            raise ValueError(str(exc).splitlines()[0]) from None
+        raise
 
 
 @dataclass(frozen=True)
@@ -207,7 +217,7 @@ class _LayerCache:
         Returns:
             ``(batch, heads, chunk, head_dim)``; padding tokens get zeros.
         """
-        if k.shape[2] == 1 and _decode_kernel(q):
+        if k.shape[2] == 1 and decode_kernel(q):
             return self._decode(q, k, v, pos, softcap, scale, aligned)
         if aligned and self.dense is not None and (k.shape[2] > 1 or self.ALIGNED_DECODE):
             pos = self._check(k, v, pos, aligned=True)
@@ -230,25 +240,34 @@ class _LayerCache:
 
     def _decode(self, q, k, v, pos, softcap, scale, aligned) -> torch.Tensor:
         """One token per row through the compiled decode step: store, then attend, in one call."""
-        pos = self._check(k, v, pos, order=False).reshape(-1)  # (batch,): one token per row
-        start = self.dense
+        args = self.decode_args(self._check(k, v, pos, order=False), aligned)
+        out = decode_call(torch.ops.swattn.decode_attention, q.contiguous(), k.contiguous(), v.contiguous(), *args,
+                          0.0 if softcap is None else float(softcap),
+                          q.shape[-1] ** -0.5 if scale is None else float(scale))
+        self.decoded(aligned)
+        return out
+
+    def decode_args(self, pos: torch.Tensor, aligned: bool) -> tuple:
+        """The compiled decode step's cache arguments for one token per row at ``pos`` ``(batch, 1)``
+        or ``(batch,)``: buffers, positions, window, kind, slots in use; makes room for the token
+        first. The caller runs the step (through :func:`decode_call`), then :meth:`decoded`."""
+        pos = pos.reshape(-1)  # (batch,): one token per row
+        if pos.dtype != torch.int64 or pos.device != self.k.device:
+            pos = pos.to(device=self.k.device, dtype=torch.int64)
+        if pos.shape[0] != self.k.shape[0]:
+            raise ValueError(f"pos must hold one position per row ({self.k.shape[0]}), got {pos.shape[0]}")
         if isinstance(self, FullCache):
             # the capacity check needs the furthest position: known on the host when aligned
-            needed = start + 1 if aligned and start is not None else int(pos.max()) + 1
+            needed = self.dense + 1 if aligned and self.dense is not None else int(pos.max()) + 1
             self._reserve(needed)
             self._used = max(self._used, needed)
         window = -1 if self.window is None else self.window
-        try:
-            out = torch.ops.swattn.decode_attention(
-                q.contiguous(), k.contiguous(), v.contiguous(), self.k, self.v, self.k_scale, self.v_scale, self.slot_pos,
-                self.last_pos, pos, window, isinstance(self, RingCache), getattr(self, "_used", 0),
-                0.0 if softcap is None else float(softcap), q.shape[-1] ** -0.5 if scale is None else float(scale))
-        except RuntimeError as exc:
-            if "positions must increase" in str(exc):
-                raise ValueError(str(exc).splitlines()[0]) from None
-            raise
-        self.dense = start + 1 if aligned and start is not None else None
-        return out
+        return (self.k, self.v, self.k_scale, self.v_scale, self.slot_pos, self.last_pos, pos, window,
+                isinstance(self, RingCache), getattr(self, "_used", 0))
+
+    def decoded(self, aligned: bool) -> None:
+        """Bookkeeping after a compiled decode step over :meth:`decode_args`."""
+        self.dense = self.dense + 1 if aligned and self.dense is not None else None
 
     def rows(self, start: int, stop: int) -> _LayerCache:
         """A cache over rows ``start:stop`` whose buffers are views of this one's (writes go through).

@@ -240,6 +240,78 @@ def test_a_decode_step_dispatches_at_most_40_ops_per_layer(pair, dtype, weights)
     assert ops["total"] - ops["within"] <= 40, ops
 
 
+COMPILED_CASES = [
+    pytest.param(torch.float32, None, False, True, None, id="fp32-apart"),
+    pytest.param(torch.bfloat16, None, True, True, None, id="bf16-prepacked", marks=needs_prepack),
+    pytest.param(torch.bfloat16, None, False, True, "int8", id="bf16-plain-int8kv"),
+    pytest.param(torch.float32, "q8", False, True, "bf16", id="q8-fused-bf16kv"),
+    pytest.param(torch.bfloat16, "q4", False, False, None, id="q4-apart"),
+]
+
+
+@pytest.mark.parametrize("dtype,weights,prepack,fuse,kv", COMPILED_CASES)
+def test_compiled_decode_step_equals_the_python_layers(pair, monkeypatch, dtype, weights, prepack, fuse, kv):
+    """Each layer's decode step as one compiled call gives exactly what the layers' Python forward
+    gives (the same kernels in the same order), over rings that wrap, a growing full cache, rows at
+    different positions and a padding row; and it runs as one op per layer."""
+    from swattn.models import transformer
+
+    _, hf, _, _ = pair
+    model = load(hf._swattn_path, dtype=dtype, weights=weights, prepack=prepack, fuse=fuse, kv_dtype=kv)
+    ids = torch.randint(0, 256, (3, 20))
+    runs = {}
+    for compiled in (False, True):
+        monkeypatch.setattr(transformer, "COMPILED_DECODE", compiled)
+        if compiled:
+            calls = _count_compiled_calls(monkeypatch)
+        with torch.inference_mode():
+            cache = model.new_cache(3)  # the full caches grow as needed
+            model(ids[:, :7], cache=cache, last_only=True)
+            if compiled:
+                calls.clear()
+            pos = torch.arange(7, 19).expand(3, -1).clone()
+            pos[1, 3:] -= 1  # row 1 pads at step 3, then runs one position behind
+            pos[1, 3] = -1
+            steps = [model(ids[:, 7 + i : 8 + i], pos[:, i : i + 1], cache) for i in range(12)]
+        runs[compiled] = steps, [t.clone() for layer in cache.layers for t in layer._buffers()]
+    (want, want_cache), (got, got_cache) = runs[False], runs[True]
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(want_cache, got_cache))
+    assert calls == [len(model.layers)] * 12  # every step, every layer: one compiled call
+
+
+def _count_compiled_calls(monkeypatch) -> list[int]:
+    """Calls of the compiled layer step, per model step, from here on."""
+    from swattn.models import transformer
+
+    calls: list[int] = []
+    real_call, real_features = transformer.decode_call, transformer.CausalLM.features
+
+    def features(self, *args, **kwargs):
+        calls.append(0)
+        return real_features(self, *args, **kwargs)
+
+    def call(op, *args):
+        calls[-1] += op is torch.ops.swattn.decode_block
+        return real_call(op, *args)
+
+    monkeypatch.setattr(transformer, "decode_call", call)
+    monkeypatch.setattr(transformer.CausalLM, "features", features)
+    return calls
+
+
+def test_compiled_decode_step_names_positions_out_of_order(pair):
+    _, hf, _, _ = pair
+    model = load(hf._swattn_path, weights="q8")
+    ids = torch.randint(0, 256, (1, 9))
+    with torch.inference_mode():
+        cache = model.new_cache(1)
+        model(ids[:, :8], cache=cache)
+        with pytest.raises(ValueError, match="positions must increase"):
+            model(ids[:, 8:], torch.full((1, 1), 3), cache)
+
+
 @needs_prepack
 def test_prepacked_models_refuse_training_until_unpacked(pair):
     _, hf, _, _ = pair

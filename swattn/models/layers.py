@@ -27,6 +27,11 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear.dense(x, self.weight)
 
+    def row_product(self, rows: int, x: torch.Tensor) -> tuple[int, torch.Tensor, None, int]:
+        """How :meth:`forward` multiplies ``rows`` rows like ``x``, for the compiled decode step:
+        ``(kind, weight, scales, out_features)`` (kinds: :mod:`swattn.ops.linear`)."""
+        return linear.dense_kind(rows, x, self.weight), self.weight, None, self.out_features
+
 
 class PrepackedLinear(nn.Module):
     """A bias-free bf16 linear layer for inference whose weight lives in oneDNN's blocked layout.
@@ -73,6 +78,12 @@ class PrepackedLinear(nn.Module):
         if x.dtype != torch.bfloat16 or x.device.type != "cpu":
             raise ValueError(f"a prepacked layer takes bf16 input on the CPU, got {x.dtype} on {x.device}")
         return linear.prepacked(x, self.packed)
+
+    def row_product(self, rows: int, x: torch.Tensor) -> tuple[int, torch.Tensor, None, int] | None:
+        """As :meth:`Linear.row_product` (None: ``x`` is no input this layer takes)."""
+        if x.dtype != torch.bfloat16 or x.device.type != "cpu":
+            return None
+        return linear.ONEDNN, self.packed, None, self.out_features
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "weight"] = self.dense_weight()
@@ -149,6 +160,12 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear.quantized(x, self.qweight, self.scales, self.fmt, self.out_features)
+
+    def row_product(self, rows: int, x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor, int] | None:
+        """As :meth:`Linear.row_product` (None: more rows than the quantized kernel takes)."""
+        if not linear.few_rows(rows, x):
+            return None
+        return quant.BITS[self.fmt], self.qweight, self.scales, self.out_features
 
     def expanded(self, like: torch.Tensor):
         """This layer with its weight dequantized (to ``like``'s dtype) once, for many inputs: a

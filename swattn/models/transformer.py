@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from swattn import dtypes
-from swattn.cache import ModelCache
+from swattn.cache import ModelCache, decode_call, decode_kernel
 from swattn.models.config import ModelConfig, Rope
 from swattn.models.layers import Linear, PrepackedLinear, QuantEmbedding, QuantLinear
 from swattn.ops import cpu, linear
@@ -27,6 +27,9 @@ from swattn.ops.api import sliding_window_attention
 # the merged layer's name and the layers it stands for, in the order of its output features
 FUSED = {"self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")), "mlp": ("gate_up_proj", ("gate_proj", "up_proj"))}
 MERGED_PARTS = dict(FUSED.values())  # merged layer's name -> the layers it stands for
+# Decode steps run each layer as one compiled call where they can (Block._compiled_decode); off:
+# the same kernels called from Python, one by one (the definition the tests compare it with)
+COMPILED_DECODE = True
 
 
 def projection_groups(model: nn.Module) -> Iterator[tuple[nn.Module, str, tuple[str, ...]]]:
@@ -277,13 +280,50 @@ class Block(nn.Module):
             self.post_feedforward_layernorm = norm()
         self.gemma = cfg.gemma_norms
 
-    def forward(self, x, pos, cos, sin, cache=None, aligned=False):
+    def forward(self, x, pos, cos, sin, cache=None, aligned=False, compiled=False):
+        """``compiled``: a decode step (one token per row, a layer cache) the caller found the
+        compiled step can run (:meth:`CausalLM.features`); it runs there unless a projection
+        cannot."""
+        if compiled:
+            out = self._compiled_decode(x, pos, cos, sin, cache, aligned)
+            if out is not None:
+                return out
         attn = self.self_attn(self.input_layernorm(x), pos, cos, sin, cache, aligned)
         if self.gemma:
             h = x + self.post_attention_layernorm(attn)
             return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
         h = x + attn
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def _compiled_decode(self, x, pos, cos, sin, cache, aligned) -> torch.Tensor | None:
+        """This layer's decode step in one compiled call (``swattn::decode_block``: the kernels
+        :meth:`forward` runs, in its order, without the Python around them); None where a
+        projection has no few-row kernel description (the caller runs :meth:`forward`)."""
+        attn, mlp = self.self_attn, self.mlp
+        cfg = attn.cfg
+        qkv = (attn.qkv_proj,) if attn.qkv_proj is not None else (attn.q_proj, attn.k_proj, attn.v_proj)
+        gate_up = (mlp.gate_up_proj,) if mlp.gate_up_proj is not None else (mlp.gate_proj, mlp.up_proj)
+        weights, kinds, features = [], [], []
+        rows = x.shape[0]
+        for proj in (*qkv, attn.o_proj, *gate_up, mlp.down_proj):
+            plan = proj.row_product(rows, x) if hasattr(proj, "row_product") else None
+            if plan is None:
+                return None
+            kinds.append(plan[0])
+            weights += plan[1:3]
+            features.append(plan[3])
+        norms = [self.input_layernorm.weight, self.post_attention_layernorm.weight]
+        if self.gemma:
+            norms += [self.pre_feedforward_layernorm.weight, self.post_feedforward_layernorm.weight]
+        if cfg.qk_norm:
+            norms += [attn.q_norm.weight, attn.k_norm.weight]
+        softcap = 0.0 if cfg.attn_softcap is None else float(cfg.attn_softcap)
+        scale = cfg.head_dim ** -0.5 if cfg.scale is None else float(cfg.scale)
+        out = decode_call(torch.ops.swattn.decode_block, x, norms, weights, kinds, features, len(qkv), len(gate_up),
+                          cos, sin, *cache.decode_args(pos, aligned), softcap, scale, cfg.num_heads,
+                          cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, self.gemma, cfg.qk_norm, mlp.silu)
+        cache.decoded(aligned)
+        return out
 
 
 class CausalLM(nn.Module):
@@ -435,7 +475,15 @@ class CausalLM(nn.Module):
         tables = rotations(pos, cfg)
         # one host read for all layers: do the positions continue what the caches hold densely?
         aligned = cache is not None and cache.aligned(attn_pos)
+        compiled = cache is not None and self._compiled_decode(x)
         for i, layer in enumerate(self.layers):
             cos, sin = tables["local" if cfg.windows[i] is not None else "global"]
-            x = layer(x, attn_pos, cos, sin, None if cache is None else cache[i], aligned)
+            x = layer(x, attn_pos, cos, sin, None if cache is None else cache[i], aligned, compiled)
         return self.norm(x[:, -1:] if last_only else x)
+
+    def _compiled_decode(self, x: torch.Tensor) -> bool:
+        """Whether a step over hidden states ``x`` ``(batch, seq, hidden)`` with a cache runs each
+        layer as one compiled call (:meth:`Block._compiled_decode`): one token per row, at most
+        the quantized kernels' rows, on the CPU kernels, at inference, no sequence parallelism."""
+        return (COMPILED_DECODE and x.shape[1] == 1 and x.shape[0] <= linear.SMALL_ROWS and decode_kernel(x)
+                and all(layer.self_attn.group is None for layer in self.layers))

@@ -1,5 +1,5 @@
 """The compiled CPU backend: builds ``csrc/*.cpp`` (attention, linear layers, the decode step's
-attention and row-wise layers) on first use and calls it.
+attention and row-wise layers, a whole layer's decode step) on first use and calls it.
 
 The kernel is compiled for the machine it runs on (``-march=native``) by PyTorch's
 extension builder and cached (``~/.cache/torch_extensions``; ``TORCH_EXTENSIONS_DIR``
@@ -34,7 +34,7 @@ ROWS = 64
 ROWS_FULL = 256
 FULL_WINDOW = 8192
 _SOURCES = [Path(__file__).parent / "csrc" / name for name in
-            ("swattn_cpu.cpp", "swattn_linear.cpp", "swattn_decode.cpp", "swattn_rows.cpp")]
+            ("swattn_cpu.cpp", "swattn_linear.cpp", "swattn_decode.cpp", "swattn_rows.cpp", "swattn_block.cpp")]
 _lock = threading.Lock()
 _state: dict[str, object] = {"loaded": False, "error": None}
 

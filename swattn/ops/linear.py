@@ -39,6 +39,10 @@ SMALL_ROWS = 16  # the quantized kernels' row limit
 DENSE_ROWS = {torch.float32: 16, torch.bfloat16: 2}
 ONEDNN_DENSE_ROWS = 2
 PANEL = 4096  # output features dequantized at a time for prefill
+# How a few-row product runs, as the compiled decode step (csrc/swattn_block.cpp) is told: the
+# streaming dense kernel, oneDNN's product (prepacked or plain weight), PyTorch's F.linear, or
+# the quantized kernel (its bits: 8 or 4)
+DENSE_KERNEL, ONEDNN, TORCH = 0, 1, 2
 FP32_PRODUCTS = ("torch", "onednn")
 _state: dict[str, bool | str | None] = {"kernels": None, "fp32": None}
 
@@ -140,7 +144,12 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 def _small(x: torch.Tensor, limit: int = SMALL_ROWS) -> bool:
-    return x.device.type == "cpu" and x.numel() <= limit * x.shape[-1] and x.dtype in cpu.DTYPES and kernels()
+    return few_rows(x.numel() // max(1, x.shape[-1]), x, limit)
+
+
+def few_rows(rows: int, x: torch.Tensor, limit: int = SMALL_ROWS) -> bool:
+    """Whether the few-row kernels take ``rows`` rows like ``x`` (its dtype and device)."""
+    return x.device.type == "cpu" and rows <= limit and x.dtype in cpu.DTYPES and kernels()
 
 
 def _uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -164,12 +173,21 @@ def product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def dense(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x`` ``(..., K)`` times ``weight`` ``(N, K)`` transposed: ``(..., N)`` (no autograd through the kernel)."""
-    limit = DENSE_ROWS.get(x.dtype, 0)
-    if x.dtype == torch.float32 and limit > ONEDNN_DENSE_ROWS and _uses_onednn(x, weight):
-        limit = ONEDNN_DENSE_ROWS
-    if _small(x, limit) and weight.dtype == x.dtype and weight.is_contiguous() and not _needs_grad(x, weight):
+    if dense_kind(x.numel() // max(1, x.shape[-1]), x, weight) == DENSE_KERNEL:
         return torch.ops.swattn.dense_linear(x.contiguous(), weight)
     return product(x, weight)
+
+
+def dense_kind(rows: int, x: torch.Tensor, weight: torch.Tensor) -> int:
+    """How :func:`dense` multiplies ``rows`` rows like ``x`` by ``weight``: ``DENSE_KERNEL`` (the
+    streaming kernel), ``ONEDNN`` or ``TORCH`` (:func:`product`'s two ways, for inputs without gradients)."""
+    limit = DENSE_ROWS.get(x.dtype, 0)
+    onednn = _uses_onednn(x, weight)
+    if x.dtype == torch.float32 and limit > ONEDNN_DENSE_ROWS and onednn:
+        limit = ONEDNN_DENSE_ROWS
+    if few_rows(rows, x, limit) and weight.dtype == x.dtype and weight.is_contiguous() and not _needs_grad(x, weight):
+        return DENSE_KERNEL
+    return ONEDNN if onednn else TORCH
 
 
 def quantized(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, fmt: str, n: int) -> torch.Tensor:
