@@ -426,6 +426,61 @@ void dense_bf16(const c10::BFloat16* w, const c10::BFloat16* x, int64_t K, int64
 }
 #endif
 
+#if SWATTN_VNNI && SWATTN_DPBF16
+// Two weight rows wa, wb against rows 0..R of x, read side by side (two streams, as the
+// quantized kernel's panels); out (2, R). fp32 and bf16 only (the dispatch also names fp64).
+template <int R, typename T>
+void dense_pair(const T*, const T*, const T*, int64_t, float*) {
+  TORCH_CHECK(false, "no paired kernel for this dtype");
+}
+
+template <int R>
+void dense_pair(const float* wa, const float* wb, const float* x, int64_t K, float* out) {
+  __m512 a[R], b[R];
+  for (int r = 0; r < R; ++r) a[r] = b[r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m512 va = _mm512_loadu_ps(wa + k), vb = _mm512_loadu_ps(wb + k);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_loadu_ps(x + r * K + k);
+      a[r] = _mm512_fmadd_ps(va, xv, a[r]), b[r] = _mm512_fmadd_ps(vb, xv, b[r]);
+    }
+  }
+  if (k < K) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1);
+    const __m512 va = _mm512_maskz_loadu_ps(mask, wa + k), vb = _mm512_maskz_loadu_ps(mask, wb + k);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + r * K + k);
+      a[r] = _mm512_fmadd_ps(va, xv, a[r]), b[r] = _mm512_fmadd_ps(vb, xv, b[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(a[r]), out[R + r] = _mm512_reduce_add_ps(b[r]);
+}
+
+template <int R>
+void dense_pair(const c10::BFloat16* wa, const c10::BFloat16* wb, const c10::BFloat16* x, int64_t K, float* out) {
+  __m512 a[R], b[R];
+  for (int r = 0; r < R; ++r) a[r] = b[r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    const __m512bh va = (__m512bh)_mm512_loadu_si512(wa + k), vb = (__m512bh)_mm512_loadu_si512(wb + k);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * K + k);
+      a[r] = _mm512_dpbf16_ps(a[r], va, xv), b[r] = _mm512_dpbf16_ps(b[r], vb, xv);
+    }
+  }
+  if (k < K) {
+    const __mmask32 mask = static_cast<__mmask32>((1ull << (K - k)) - 1);
+    const __m512bh va = (__m512bh)_mm512_maskz_loadu_epi16(mask, wa + k), vb = (__m512bh)_mm512_maskz_loadu_epi16(mask, wb + k);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + r * K + k);
+      a[r] = _mm512_dpbf16_ps(a[r], va, xv), b[r] = _mm512_dpbf16_ps(b[r], vb, xv);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(a[r]), out[R + r] = _mm512_reduce_add_ps(b[r]);
+}
+#endif
+
 #define SWATTN_ROWS_SWITCH(KERNEL, ...)          \
   switch (rows) {                                \
     case 1: KERNEL<1>(__VA_ARGS__); break;       \
@@ -472,7 +527,31 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight) {
     if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
       const scalar_t* w = weight.data_ptr<scalar_t>();
       const scalar_t* xp = x.data_ptr<scalar_t>();
-      over_features(M, N, y.data_ptr<scalar_t>(), [&](int64_t n, int64_t m0, int rows, float* res) {
+      scalar_t* yp = y.data_ptr<scalar_t>();
+#if SWATTN_VNNI && SWATTN_DPBF16
+      if (simd && M <= kPairRows) {  // few rows: each thread reads the two halves of its features side by side
+        at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+          const int64_t half = (n1 - n0) / 2;
+          float res[2 * kPairRows];
+          auto pair = [&](int64_t a, int64_t b) {
+            switch (M) {
+              case 1: dense_pair<1>(w + a * K, w + b * K, xp, K, res); break;
+              case 2: dense_pair<2>(w + a * K, w + b * K, xp, K, res); break;
+              case 3: dense_pair<3>(w + a * K, w + b * K, xp, K, res); break;
+              default: dense_pair<4>(w + a * K, w + b * K, xp, K, res); break;
+            }
+            for (int64_t r = 0; r < M; ++r) store(yp + r * N + a, res[r]), store(yp + r * N + b, res[M + r]);
+          };
+          for (int64_t i = 0; i < half; ++i) pair(n0 + i, n0 + half + i);
+          for (int64_t n = n0 + 2 * half; n < n1; ++n) {
+            dense_feature(w + n * K, xp, K, 0, static_cast<int>(M), res, simd);
+            for (int64_t r = 0; r < M; ++r) store(yp + r * N + n, res[r]);
+          }
+        });
+        return;
+      }
+#endif
+      over_features(M, N, yp, [&](int64_t n, int64_t m0, int rows, float* res) {
         dense_feature(w + n * K, xp, K, m0, rows, res, simd);
       });
     }
