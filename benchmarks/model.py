@@ -151,10 +151,11 @@ def run_cell(cell: dict) -> dict:
                                       warmup=full_warmup)
         return {"seconds": seconds, "peak": growth}
     context, steps, batch = cell["n"], cell["steps"], cell.get("batch", 1)
-    ids = torch.randint(0, SHAPE["vocab_size"], (batch, context + steps + 2), generator=gen)  # in both vocabularies
+    spare = PROFILED_STEPS + 2  # tokens after the timed steps: the profiled ones, the op count's
+    ids = torch.randint(0, SHAPE["vocab_size"], (batch, context + steps + spare), generator=gen)  # in both vocabularies
     with torch.inference_mode():
         if cell["impl"] == "swattn":
-            cache = model.new_cache(batch, capacity=context + steps + 3, kv_dtype=cell.get("kv_dtype"))
+            cache = model.new_cache(batch, capacity=context + steps + spare + 1, kv_dtype=cell.get("kv_dtype"))
             _fill_swattn_cache(model, ids[:, :context], cell["chunk"], cache)
             model(ids[:, context : context + 1], torch.full((batch, 1), context), cache)  # warm-up step
             context += 1
@@ -164,8 +165,9 @@ def run_cell(cell: dict) -> dict:
                 model(ids[:, context + i : context + i + 1], torch.full((batch, 1), context + i), cache)
                 times.append(time.perf_counter() - t0)
             last = context + steps
-            overhead = _overhead(model, cache, ids[:, last - 1 : last], torch.full((batch, 1), last), times)
-            ops = count_ops(lambda: model(ids[:, last : last + 1], torch.full((batch, 1), last + 1), cache),
+            overhead = _overhead(model, cache, ids, last)
+            after = last + PROFILED_STEPS
+            ops = count_ops(lambda: model(ids[:, after : after + 1], torch.full((batch, 1), after), cache),
                             model.layers)
             return {"tokens_per_s": batch * steps / sum(times), "overhead": overhead, "ops": ops}
         else:
@@ -216,19 +218,28 @@ def llama_bench(binary: str, gguf: str, task: str, n: int, steps: int, kv: str |
 
 
 PRODUCTS = ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm", "aten::bmm")  # what prepacked and plain products run as
+# compiled ops that only orchestrate others (their own time is bookkeeping, not kernel work)
+ORCHESTRATORS = ("swattn::decode_block",)
+PROFILED_STEPS = 4  # decode steps profiled for the overhead column
 
 
-def _overhead(model, cache, ids, pos, times: list[float]) -> float:
+def _overhead(model, cache, ids, first: int) -> float:
     """Seconds per step outside the compiled kernels and matrix products (the Python and PyTorch
-    bookkeeping around them): the steps' median time minus the kernels' own time in one more step,
-    profiled, on the same cache."""
+    bookkeeping around them): ``PROFILED_STEPS`` more steps from position ``first`` (token ids
+    ``ids[:, first]`` on), profiled, their wall time minus their kernels' own time. Both from the
+    same steps, so a shift of the machine's memory rate between timing and profiling does not
+    show up as overhead."""
     from torch.profiler import ProfilerActivity, profile
 
+    batch, wall = ids.shape[0], 0.0
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        model(ids, pos, cache)
-    kernels = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key.startswith("swattn::") or e.key in PRODUCTS)
-    kernels /= 1e6
-    return max(0.0, sorted(times)[len(times) // 2] - kernels)
+        for i in range(first, first + PROFILED_STEPS):
+            start = time.perf_counter()
+            model(ids[:, i : i + 1], torch.full((batch, 1), i), cache)
+            wall += time.perf_counter() - start
+    kernels = sum(e.self_cpu_time_total for e in prof.key_averages()
+                  if (e.key.startswith("swattn::") and e.key not in ORCHESTRATORS) or e.key in PRODUCTS)
+    return max(0.0, (wall - kernels / 1e6) / PROFILED_STEPS)
 
 
 def main(argv: list[str] | None = None) -> int:
