@@ -151,29 +151,31 @@ def run_cell(cell: dict) -> dict:
                                       warmup=full_warmup)
         return {"seconds": seconds, "peak": growth}
     context, steps, batch = cell["n"], cell["steps"], cell.get("batch", 1)
-    spare = PROFILED_STEPS + 2  # tokens after the timed steps: the profiled ones, the op count's
+    spare = WARMUP_STEPS + PROFILED_STEPS + 2  # tokens besides the timed steps
     ids = torch.randint(0, SHAPE["vocab_size"], (batch, context + steps + spare), generator=gen)  # in both vocabularies
     with torch.inference_mode():
         if cell["impl"] == "swattn":
             cache = model.new_cache(batch, capacity=context + steps + spare + 1, kv_dtype=cell.get("kv_dtype"))
             _fill_swattn_cache(model, ids[:, :context], cell["chunk"], cache)
-            model(ids[:, context : context + 1], torch.full((batch, 1), context), cache)  # warm-up step
-            context += 1
+            for i in range(context, context + WARMUP_STEPS):
+                model(ids[:, i : i + 1], torch.full((batch, 1), i), cache)
+            context += WARMUP_STEPS
             times = []
             for i in range(steps):
                 t0 = time.perf_counter()
                 model(ids[:, context + i : context + i + 1], torch.full((batch, 1), context + i), cache)
                 times.append(time.perf_counter() - t0)
             last = context + steps
-            overhead = _overhead(model, cache, ids, last)
+            overhead = _overhead(model, cache, ids, last, times)
             after = last + PROFILED_STEPS
             ops = count_ops(lambda: model(ids[:, after : after + 1], torch.full((batch, 1), after), cache),
                             model.layers)
             return {"tokens_per_s": batch * steps / sum(times), "overhead": overhead, "ops": ops}
         else:
             cache = _fill_peer_cache(model, ids[:, :context], cell["chunk"])
-            start = time.perf_counter()
-            for i in range(steps):
+            for i in range(WARMUP_STEPS + steps):
+                if i == WARMUP_STEPS:
+                    start = time.perf_counter()
                 cache = model(ids[:, context + i : context + i + 1], past_key_values=cache, use_cache=True,
                               logits_to_keep=1).past_key_values
         seconds = time.perf_counter() - start
@@ -221,25 +223,25 @@ PRODUCTS = ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm", "aten::bmm")
 # compiled ops that only orchestrate others (their own time is bookkeeping, not kernel work)
 ORCHESTRATORS = ("swattn::decode_block",)
 PROFILED_STEPS = 4  # decode steps profiled for the overhead column
+# decode steps run before the timed ones (the first dozen or so after a prefill run up to a fifth
+# slower: 2-layer model, q4, after 512 tokens, 2.1-2.2 ms settling to 1.7; llama-bench warms up too)
+WARMUP_STEPS = 8
 
 
-def _overhead(model, cache, ids, first: int) -> float:
+def _overhead(model, cache, ids, first: int, times: list[float]) -> float:
     """Seconds per step outside the compiled kernels and matrix products (the Python and PyTorch
-    bookkeeping around them): ``PROFILED_STEPS`` more steps from position ``first`` (token ids
-    ``ids[:, first]`` on), profiled, their wall time minus their kernels' own time. Both from the
-    same steps, so a shift of the machine's memory rate between timing and profiling does not
-    show up as overhead."""
+    bookkeeping around them): the timed steps' median minus the kernels' own time per step in
+    ``PROFILED_STEPS`` more steps from position ``first`` (token ids ``ids[:, first]`` on),
+    profiled. (The profiled steps' own wall time would count the profiler's cost per op too.)"""
     from torch.profiler import ProfilerActivity, profile
 
-    batch, wall = ids.shape[0], 0.0
+    batch = ids.shape[0]
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for i in range(first, first + PROFILED_STEPS):
-            start = time.perf_counter()
             model(ids[:, i : i + 1], torch.full((batch, 1), i), cache)
-            wall += time.perf_counter() - start
     kernels = sum(e.self_cpu_time_total for e in prof.key_averages()
                   if (e.key.startswith("swattn::") and e.key not in ORCHESTRATORS) or e.key in PRODUCTS)
-    return max(0.0, (wall - kernels / 1e6) / PROFILED_STEPS)
+    return max(0.0, sorted(times)[len(times) // 2] - kernels / 1e6 / PROFILED_STEPS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.n:
         print("# prefill: seconds, GFLOP/s (% of that dtype's best matmul rate), peak memory growth; "
               "'x' = peer time / swattn time")
-    print("# decode: tokens/s (all rows), and % of the bandwidth bound: bytes per step (weights in their format + "
+    print(f"# decode: tokens/s (all rows) over {args.steps} steps after {WARMUP_STEPS} untimed ones, and % of the "
+          "bandwidth bound: bytes per step (weights in their format + "
           "each row's visible K/V) / the better read rate measured just before and after the row; "
           "'x' = swattn / peer")
     for dtype in args.dtype:

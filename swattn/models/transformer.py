@@ -3,6 +3,8 @@
 What differs between the families is data in :class:`ModelConfig` (per-layer windows,
 soft-caps, norm style, q/k norms, rotary bases), not branches on the family's name.
 Module names follow the Hugging Face checkpoints, so a state dict loads as it is.
+At inference on the CPU kernels, a decode step runs each layer as one compiled call
+(``swattn::decode_block``) that calls the same kernels as :meth:`Block.forward`, in its order.
 """
 
 from __future__ import annotations
