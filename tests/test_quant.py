@@ -206,6 +206,24 @@ def test_quant_modules_and_fusion():
         QuantLinear(96, 16, "q8")
 
 
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_embedding_few_ids_take_the_kernel_exactly(fmt, dtype, monkeypatch):
+    """A decode step's few ids go through the dequantize kernel, many ids through indexing: the
+    same values, ids in the last, partly filled panel included; ids out of range are named."""
+    torch.manual_seed(3)
+    emb = QuantEmbedding(1000, 192, fmt, dtype)  # 1000 rows: the last panel holds 8
+    emb.set_weight(torch.randn(1000, 192))
+    want = emb.dequantized(dtype)
+    ids = torch.tensor([[0, 15, 16, 517], [999, 992, 991, 3]])
+    assert torch.equal(emb(ids), want[ids])
+    many = torch.randint(0, 1000, (3, 7))  # 21 ids: past the kernel's few
+    assert torch.equal(emb(many), want[many])
+    for bad in (1000, -1):
+        with pytest.raises(IndexError, match="out of range"):
+            emb(torch.tensor([[bad]]))
+
+
 @pytest.mark.parametrize("weights", quantize.WEIGHTS)
 def test_quantized_model_matches_its_dequantized_weights(weights):
     """The quantized model computes what the dense model with the dequantized weights computes."""

@@ -199,6 +199,8 @@ class QuantEmbedding(QuantLinear):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
+        if flat.numel() <= linear.SMALL_ROWS and flat.device.type == "cpu" and linear.kernels():
+            return self._few(flat).view(*ids.shape, self.in_features)
         panel, lane = flat // quant.LANES, flat % quant.LANES
         blocks = self.in_features // quant.BLOCK
         # only the ids' own bytes: (panels, block, vector, lane, 4) indexed at (panel, lane)
@@ -208,6 +210,20 @@ class QuantEmbedding(QuantLinear):
         scale = self.scales.view(-1, blocks, quant.LANES)[panel, :, lane].float()  # (tokens, block)
         rows = values.reshape(flat.numel(), blocks, quant.BLOCK).float() * scale.unsqueeze(-1)
         return rows.to(self.dtype).view(*ids.shape, self.in_features)
+
+    def _few(self, flat: torch.Tensor) -> torch.Tensor:
+        """A decode step's few rows ``(n, hidden)``: each id's panel of 16 rows dequantized by the
+        compiled kernel (the same values; the indexing above costs 0.2 ms per step at a 256k vocabulary)."""
+        out = torch.empty(flat.numel(), self.in_features, dtype=self.dtype)
+        bits = quant.BITS[self.fmt]
+        for row, i in enumerate(flat.tolist()):
+            if not 0 <= i < self.out_features:
+                raise IndexError(f"index {i} is out of range for an embedding of {self.out_features} rows")
+            start = i - i % quant.LANES
+            panel = torch.ops.swattn.dequantize(self.qweight, self.scales, bits, start,
+                                                min(start + quant.LANES, self.out_features), out)
+            out[row] = panel[i - start]
+        return out
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The head: ``x`` ``(..., hidden_size)`` gives ``(..., vocab_size)``."""
