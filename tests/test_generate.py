@@ -157,3 +157,7 @@ def test_packed_forward_equals_each_sequence_alone(checkpoint):
         torch.testing.assert_close(step[0][0], alone(a, ta), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(step[0][1], alone(b, tb), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(step[1][0], alone(c), atol=1e-4, rtol=1e-4)
+        # decoding rows alone (the server's usual step) take the model's decode path
+        tc = int(step[1][0].argmax())
+        only = model.forward_packed([(torch.tensor([[tc]]), torch.tensor([[9]]), views[2])])
+        torch.testing.assert_close(only[0][0], alone(c, tc), atol=1e-4, rtol=1e-4)

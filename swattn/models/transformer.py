@@ -436,6 +436,11 @@ class CausalLM(nn.Module):
         """
         if self.layers and self.layers[0].self_attn.group is not None:
             raise ValueError("forward_packed does not run under sequence_parallel")
+        if len(parts) == 1 and parts[0][0].dim() == 2 and parts[0][0].shape[1] == 1:
+            # a step of decoding rows alone (a server's usual step): the same computation row by
+            # row as the packed pass, through forward, whose layers run compiled where they can
+            ids, pos, cache = parts[0]
+            return [self.forward(ids, pos, cache, last_only=True)[:, -1]]
         cfg = self.cfg
         ids = torch.cat([i.reshape(1, -1) for i, _, _ in parts], dim=1)
         pos = torch.cat([p.reshape(1, -1) for _, p, _ in parts], dim=1)
