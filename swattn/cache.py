@@ -39,6 +39,11 @@ def decode_kernel(q: torch.Tensor) -> bool:
         torch.is_grad_enabled() and q.requires_grad)
 
 
+def decode_scalars(softcap: float | None, scale: float | None, head_dim: int) -> tuple[float, float]:
+    """The compiled decode step's ``softcap`` (0: none) and ``scale`` (None: ``head_dim ** -0.5``)."""
+    return 0.0 if softcap is None else float(softcap), head_dim ** -0.5 if scale is None else float(scale)
+
+
 def decode_call(op, *args) -> torch.Tensor:
     """Runs a compiled decode step (``op(*args)``); positions out of order raise ValueError, in one line."""
     try:
@@ -242,8 +247,7 @@ class _LayerCache:
         """One token per row through the compiled decode step: store, then attend, in one call."""
         args = self.decode_args(self._check(k, v, pos, order=False), aligned)
         out = decode_call(torch.ops.swattn.decode_attention, q.contiguous(), k.contiguous(), v.contiguous(), *args,
-                          0.0 if softcap is None else float(softcap),
-                          q.shape[-1] ** -0.5 if scale is None else float(scale))
+                          *decode_scalars(softcap, scale, q.shape[-1]))
         self.decoded(aligned)
         return out
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from swattn import dtypes
-from swattn.cache import ModelCache, decode_call, decode_kernel
+from swattn.cache import ModelCache, decode_call, decode_kernel, decode_scalars
 from swattn.models.config import ModelConfig, Rope
 from swattn.models.layers import Linear, PrepackedLinear, QuantEmbedding, QuantLinear
 from swattn.ops import cpu, linear
@@ -319,10 +319,9 @@ class Block(nn.Module):
             norms += [self.pre_feedforward_layernorm.weight, self.post_feedforward_layernorm.weight]
         if cfg.qk_norm:
             norms += [attn.q_norm.weight, attn.k_norm.weight]
-        softcap = 0.0 if cfg.attn_softcap is None else float(cfg.attn_softcap)
-        scale = cfg.head_dim ** -0.5 if cfg.scale is None else float(cfg.scale)
         out = decode_call(torch.ops.swattn.decode_block, x, norms, weights, kinds, features, len(qkv), len(gate_up),
-                          cos, sin, *cache.decode_args(pos, aligned), softcap, scale, cfg.num_heads,
+                          cos, sin, *cache.decode_args(pos, aligned),
+                          *decode_scalars(cfg.attn_softcap, cfg.scale, cfg.head_dim), cfg.num_heads,
                           cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, self.gemma, cfg.qk_norm, mlp.silu)
         cache.decoded(aligned)
         return out

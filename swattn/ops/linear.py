@@ -144,7 +144,12 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 def _small(x: torch.Tensor, limit: int = SMALL_ROWS) -> bool:
-    return few_rows(x.numel() // max(1, x.shape[-1]), x, limit)
+    return few_rows(_rows(x), x, limit)
+
+
+def _rows(x: torch.Tensor) -> int:
+    """Rows of ``x`` ``(..., K)``: its leading dimensions multiplied out."""
+    return x.numel() // max(1, x.shape[-1])
 
 
 def few_rows(rows: int, x: torch.Tensor, limit: int = SMALL_ROWS) -> bool:
@@ -173,7 +178,7 @@ def product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def dense(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x`` ``(..., K)`` times ``weight`` ``(N, K)`` transposed: ``(..., N)`` (no autograd through the kernel)."""
-    if dense_kind(x.numel() // max(1, x.shape[-1]), x, weight) == DENSE_KERNEL:
+    if dense_kind(_rows(x), x, weight) == DENSE_KERNEL:
         return torch.ops.swattn.dense_linear(x.contiguous(), weight)
     return product(x, weight)
 
