@@ -195,3 +195,46 @@ def test_prepacked_layers_refuse_what_they_cannot_do():
         PrepackedLinear(torch.randn(8, 16))
     with torch.no_grad():  # no gradient wanted: fine
         assert layer(torch.randn(2, 16, dtype=torch.bfloat16, requires_grad=True)).shape == (2, 8)
+
+
+@needs_prepack
+@pytest.mark.parametrize("simd", [True, False], ids=["simd", "portable"])
+@pytest.mark.parametrize("n,k", [(64, 32), (192, 96), (128, 2304)])
+def test_panel_kernel_reads_prepacked_weights_at_every_row_count(n, k, simd):
+    """The panel kernel multiplies by a prepacked weight's own memory (oneDNN's 64-feature panels),
+    for 1..16 rows, on the SIMD path and the portable one, as float64 does within bf16 rounding."""
+    _, w = _inputs((1, k), n, n + k)
+    wb = w.bfloat16()
+    layer = PrepackedLinear(wb)
+    if layer.panel_view is None:
+        pytest.skip("this oneDNN lays bf16 weights out otherwise (the layer keeps oneDNN's own product)")
+    before = torch.ops.swattn.linear_simd(-1)
+    torch.ops.swattn.linear_simd(int(simd))
+    try:
+        for rows in range(1, 17):
+            x = torch.randn(rows, k, dtype=torch.bfloat16)
+            want = x.double() @ wb.double().T
+            assert _bf16_close(torch.ops.swattn.panel_linear(x, layer.panel_view, n), want, k), rows
+            assert _bf16_close(layer(x.view(1, rows, k)).view(rows, n), want, k), rows
+    finally:
+        torch.ops.swattn.linear_simd(int(before))
+
+
+@needs_prepack
+def test_prepacked_layers_take_the_panel_kernel_only_where_the_layout_is_checked():
+    w = torch.randn(128, 96, dtype=torch.bfloat16)
+    layer = PrepackedLinear(w)
+    x = torch.randn(1, 96, dtype=torch.bfloat16)
+    assert layer.panel_view is not None
+    assert layer.row_product(linear.PANEL_ROWS, x)[0] == linear.PANEL_KERNEL
+    assert layer.row_product(linear.PANEL_ROWS + 1, x)[0] == linear.ONEDNN
+    # another weight's panels, or shapes oneDNN pads, are not taken for this layout
+    assert linear.panels(layer.packed, torch.randn(128, 96, dtype=torch.bfloat16)) is None
+    for shape in ((100, 96), (128, 66)):
+        other = PrepackedLinear(torch.randn(*shape, dtype=torch.bfloat16))
+        assert other.panel_view is None and other.row_product(1, x[:, : shape[1]])[0] == linear.ONEDNN
+    # the view follows the weight when it is replaced, copied or pickled
+    other = torch.randn(128, 96, dtype=torch.bfloat16)
+    layer.load_state_dict({"weight": other})
+    for twin in (layer, copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert _bf16_close(twin(x), x.double() @ other.double().T, 96)

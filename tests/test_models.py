@@ -258,6 +258,8 @@ def test_compiled_decode_step_equals_the_python_layers(pair, monkeypatch, dtype,
 
     _, hf, _, _ = pair
     model = load(hf._swattn_path, dtype=dtype, weights=weights, prepack=prepack, fuse=fuse, kv_dtype=kv)
+    if prepack:  # every projection takes the panel kernel on its prepacked memory
+        assert all(m.panel_view is not None for m in model.modules() if isinstance(m, PrepackedLinear))
     ids = torch.randint(0, 256, (3, 20))
     runs = {}
     for compiled in (False, True):

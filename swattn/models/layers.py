@@ -46,7 +46,7 @@ class PrepackedLinear(nn.Module):
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.packed = linear.prepack(weight)
+        self._pack(weight)
         self.parts: tuple[int, ...] | None = None  # out_features of the layers a fused one stands for
 
     @classmethod
@@ -71,18 +71,25 @@ class PrepackedLinear(nn.Module):
         """A plain copy of the weight ``(out_features, in_features)``."""
         return self.packed.to_dense()
 
+    def _pack(self, weight: torch.Tensor) -> None:
+        # the panel view aliases the packed tensor's memory: the two are only ever set together
+        self.packed = linear.prepack(weight)
+        self.panel_view = linear.panels(self.packed, weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("this layer's weight is prepacked for inference and has no gradient; load the model "
                                "with prepack=False (or call swattn.models.prepack.unpack(model)) to train it")
         if x.dtype != torch.bfloat16 or x.device.type != "cpu":
             raise ValueError(f"a prepacked layer takes bf16 input on the CPU, got {x.dtype} on {x.device}")
-        return linear.prepacked(x, self.packed)
+        return linear.prepacked(x, self.packed, self.panel_view)
 
     def row_product(self, rows: int, x: torch.Tensor) -> tuple[int, torch.Tensor, None, int] | None:
         """As :meth:`Linear.row_product` (None: ``x`` is no input this layer takes)."""
         if x.dtype != torch.bfloat16 or x.device.type != "cpu":
             return None
+        if linear.panel_kind(rows, x, self.panel_view) == linear.PANEL_KERNEL:
+            return linear.PANEL_KERNEL, self.panel_view, None, self.out_features
         return linear.ONEDNN, self.packed, None, self.out_features
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -97,7 +104,7 @@ class PrepackedLinear(nn.Module):
             error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(state_dict[key].shape)}, "
                               f"the shape in current model is {(self.out_features, self.in_features)}.")
         else:
-            self.packed = linear.prepack(state_dict[key].to(torch.bfloat16))
+            self._pack(state_dict[key].to(torch.bfloat16))
 
     def _apply(self, fn, recurse=True):
         # .to(), .float() and friends: the opaque tensor is no parameter, so convert it here;
@@ -106,17 +113,18 @@ class PrepackedLinear(nn.Module):
         if not linear.can_prepack(weight):
             raise ValueError(f"prepacked weights stay bf16 on the CPU (asked for {weight.dtype} on {weight.device}); "
                              "call swattn.models.prepack.unpack(model) first")
-        self.packed = linear.prepack(weight)
+        self._pack(weight)
         return self
 
     def __getstate__(self):
         state = self.__dict__.copy()
         state["packed"] = self.dense_weight()  # the opaque tensor has no storage to copy or pickle
+        state["panel_view"] = None
         return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self.packed = linear.prepack(self.packed)
+        self._pack(self.packed)
 
 
 class QuantLinear(nn.Module):

@@ -18,11 +18,14 @@ Prepacked bf16 weights: oneDNN reads a weight faster from its own blocked layout
 plain row-major one, at every row count (measured on 2 Zen 5 cores, 7 layers' weights in turn:
 1 row 70 against 65 GB/s, 8 rows 46 against 22 GB/s; 2048 rows 944 against 873 GFLOP/s).
 :func:`prepack` gives that layout (an opaque tensor, the same size: it replaces the plain weight,
-see :class:`swattn.models.layers.PrepackedLinear`) and :func:`prepacked` multiplies by it.
+see :class:`swattn.models.layers.PrepackedLinear`) and :func:`prepacked` multiplies by it. Up to
+``PANEL_ROWS`` rows, the extension's panel kernel reads that layout itself where :func:`panels`
+finds it (checked per weight), streaming it faster than oneDNN's own product does for few rows.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Iterator
 
@@ -43,6 +46,12 @@ PANEL = 4096  # output features dequantized at a time for prefill
 # streaming dense kernel, oneDNN's product (prepacked or plain weight), PyTorch's F.linear, or
 # the quantized kernel (its bits: 8 or 4)
 DENSE_KERNEL, ONEDNN, TORCH = 0, 1, 2
+PANEL_KERNEL = 3  # the panel kernel on a prepacked weight's memory (see :func:`panels`)
+PANEL_FEATURES = 64
+# up to how many rows the panel kernel beats oneDNN's own product on the same prepacked weight
+# (2 Zen 5 cores, 8 layer-shaped weights in turn; GB/s, slow memory state: 1 row 50 against 44,
+# 2-4 rows 45-51 against 42-47, 8 rows 40 against 40; 12 and 16 rows 35/30 against 36/33)
+PANEL_ROWS = 8
 FP32_PRODUCTS = ("torch", "onednn")
 _state: dict[str, bool | str | None] = {"kernels": None, "fp32": None}
 
@@ -107,9 +116,50 @@ def prepack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
 
 
-def prepacked(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """``x`` ``(..., K)`` times a :func:`prepack`-ed weight ``(N, K)`` transposed: ``(..., N)`` (no autograd)."""
+def panels(packed: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """The memory of ``packed`` (:func:`prepack` of ``weight`` ``(N, K)``) as a plain bf16 tensor of
+    ``N * K`` values when it holds the layout the extension's panel kernel reads, else None.
+
+    oneDNN lays bf16 weights out for its products in panels of 64 features, each ``(K / 2, 64, 2)``
+    (a vector holds a pair of columns of 16 features: vdpbf16ps' operand). The layout is oneDNN's
+    choice, per release, CPU and shape, so it is checked here against ``weight`` on three panels
+    (first, middle, last) before the kernel is trusted with it; the returned tensor aliases
+    ``packed`` and is valid only while ``packed`` lives.
+    """
+    n, k = weight.shape
+    data_ptr, nbytes = getattr(torch.ops.mkldnn, "data_ptr", None), getattr(torch.ops.mkldnn, "_nbytes", None)
+    if n % PANEL_FEATURES or k % 2 or data_ptr is None or nbytes is None or not kernels():
+        return None
+    try:
+        if nbytes(packed) != n * k * 2:
+            return None
+        memory = (ctypes.c_uint8 * (n * k * 2)).from_address(data_ptr(packed))
+    except (RuntimeError, ValueError):
+        return None
+    flat = torch.frombuffer(memory, dtype=torch.bfloat16)
+    view = flat.view(n // PANEL_FEATURES, k // 2, PANEL_FEATURES, 2)
+    plain = weight.detach().view(n // PANEL_FEATURES, PANEL_FEATURES, k // 2, 2)
+    for p in sorted({0, (n // PANEL_FEATURES) // 2, n // PANEL_FEATURES - 1}):
+        if not torch.equal(view[p].view(torch.int16), plain[p].transpose(0, 1).view(torch.int16)):
+            return None
+    return flat
+
+
+def prepacked(x: torch.Tensor, packed: torch.Tensor, panel_view: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` ``(..., K)`` times a :func:`prepack`-ed weight ``(N, K)`` transposed: ``(..., N)`` (no autograd).
+
+    ``panel_view``: :func:`panels` of ``packed``, if it has one: few rows then take the panel kernel.
+    """
+    if panel_kind(_rows(x), x, panel_view) == PANEL_KERNEL:
+        return torch.ops.swattn.panel_linear(x.contiguous(), panel_view, panel_view.numel() // x.shape[-1])
     return _onednn(x, packed)
+
+
+def panel_kind(rows: int, x: torch.Tensor, panel_view: torch.Tensor | None) -> int:
+    """How :func:`prepacked` multiplies ``rows`` rows like ``x``: ``PANEL_KERNEL`` or ``ONEDNN``."""
+    if panel_view is not None and rows > 0 and x.dtype == torch.bfloat16 and few_rows(rows, x, PANEL_ROWS):
+        return PANEL_KERNEL
+    return ONEDNN
 
 
 def _onednn_faster() -> bool:

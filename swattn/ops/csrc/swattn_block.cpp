@@ -20,8 +20,8 @@ namespace {
 
 // How a projection multiplies (see swattn/ops/linear.py, which picks it): our few-row dense
 // kernel, oneDNN's product (a prepacked or plain weight), PyTorch's F.linear, or the quantized
-// kernel with 8- or 4-bit weights.
-constexpr int64_t kDenseKernel = 0, kOneDNN = 1, kTorch = 2, kQ4 = 4, kQ8 = 8;
+// kernel with 8- or 4-bit weights, or the panel kernel on a prepacked bf16 weight's memory.
+constexpr int64_t kDenseKernel = 0, kOneDNN = 1, kTorch = 2, kPanelKernel = 3, kQ4 = 4, kQ8 = 8;
 
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> typed(const char* name) {
@@ -53,9 +53,11 @@ at::Tensor project(const at::Tensor& x, int64_t kind, const c10::optional<at::Te
   static const auto dense = typed<at::Tensor(const at::Tensor&, const at::Tensor&)>("swattn::dense_linear");
   static const auto quant = typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t)>(
       "swattn::quant_linear");
+  static const auto panel = typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>("swattn::panel_linear");
   TORCH_CHECK(a.has_value(), "a projection without its weight");
   switch (kind) {
     case kDenseKernel: return dense.call(x.contiguous(), *a);
+    case kPanelKernel: return panel.call(x.contiguous(), *a, n);
     case kQ8:
     case kQ4:
       TORCH_CHECK(b.has_value(), "a quantized projection without its scales");

@@ -559,6 +559,138 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight) {
   return y;
 }
 
+
+// bf16 weights in oneDNN's blocked layout for bf16 products (what PrepackedLinear holds; the
+// layout is checked on each weight before this kernel is given it, see swattn/ops/linear.py):
+// panels of 64 features, each (K / 2, 64, 2): element (n, k) at
+//   ((n / 64) * (K / 2) + k / 2) * 128 + (n % 64) * 2 + k % 2.
+// One 64-byte vector holds a pair of columns of 16 features, the operand vdpbf16ps wants: each
+// takes one row's pair of x values broadcast, so a panel needs no horizontal sums, and a thread
+// streams its panels once for all rows (oneDNN's own product read them at 65-73 GB/s for one
+// row where a plain-layout stream reached 77-81 on 2 Zen 5 cores).
+constexpr int64_t kPanelFeatures = 64;
+// weight bytes prefetched ahead of each stream (one row, 8 layer-shaped weights in turn on 2 Zen 5
+// cores, in the VM's slow memory state: 42-46 GB/s without, 47-52 with 2 KB, level with the
+// plain-layout kernel; 4 and 8 KB no better)
+constexpr int64_t kPanelAhead = 2048;
+constexpr int64_t kPanelPairs = 256;  // column pairs per block when rows come in several tiles
+
+#if SWATTN_VNNI && SWATTN_DPBF16
+inline void dpbf16_bcast(__m512& acc, const __m512bh& w, const int32_t* x) {
+  asm("vdpbf16ps %[x]%{1to16%}, %[w], %[acc]" : [acc] "+v"(acc) : [w] "v"(w), [x] "m"(*x));
+}
+
+// Column pairs [c0, c1) of panels w[0..P) against rows 0..R of x (row length K): acc[i] (R, 64)
+// of panel i, added to. P = 2 reads two panels side by side (two streams, as the other kernels).
+template <int R, int P>
+void bf16_panels(const c10::BFloat16* const* w, const c10::BFloat16* x, int64_t K, int64_t c0, int64_t c1,
+                 float* const* acc) {
+  __m512 a[P][R][4];
+  for (int i = 0; i < P; ++i)
+    for (int r = 0; r < R; ++r)
+      for (int f = 0; f < 4; ++f) a[i][r][f] = _mm512_loadu_ps(acc[i] + r * kPanelFeatures + 16 * f);
+  const int32_t* xp = reinterpret_cast<const int32_t*>(x);  // row r's pair c at xp[r * K / 2 + c]
+  for (int64_t c = c0; c < c1; ++c) {
+    for (int i = 0; i < P; ++i) {
+      const c10::BFloat16* wc = w[i] + c * 2 * kPanelFeatures;
+      for (int f = 0; f < 4; ++f) _mm_prefetch(reinterpret_cast<const char*>(wc + 32 * f) + kPanelAhead, _MM_HINT_T0);
+      __m512bh wv[4];
+      for (int f = 0; f < 4; ++f) wv[f] = (__m512bh)_mm512_loadu_si512(wc + 32 * f);
+      for (int r = 0; r < R; ++r)
+        for (int f = 0; f < 4; ++f) dpbf16_bcast(a[i][r][f], wv[f], xp + r * (K / 2) + c);
+    }
+  }
+  for (int i = 0; i < P; ++i)
+    for (int r = 0; r < R; ++r)
+      for (int f = 0; f < 4; ++f) _mm512_storeu_ps(acc[i] + r * kPanelFeatures + 16 * f, a[i][r][f]);
+}
+
+template <int P>
+void bf16_panels_rows(int rows, const c10::BFloat16* const* w, const c10::BFloat16* x, int64_t K, int64_t c0,
+                      int64_t c1, float* const* acc) {
+  switch (rows) {
+    case 1: return bf16_panels<1, P>(w, x, K, c0, c1, acc);
+    case 2: return bf16_panels<2, P>(w, x, K, c0, c1, acc);
+    case 3: return bf16_panels<3, 1>(w, x, K, c0, c1, acc);
+    default: return bf16_panels<4, 1>(w, x, K, c0, c1, acc);
+  }
+}
+#endif
+
+// The same sums in portable loops (CPUs without AVX512_BF16, and linear_simd(0) for tests).
+void bf16_panel_portable(const c10::BFloat16* w, const c10::BFloat16* x, int64_t M, int64_t K, float* acc) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t l = 0; l < kPanelFeatures; ++l) {
+      float sum = 0.0f;
+      for (int64_t k = 0; k < K; ++k)
+        sum += static_cast<float>(w[(k / 2) * 2 * kPanelFeatures + l * 2 + k % 2]) * static_cast<float>(x[m * K + k]);
+      acc[m * kPanelFeatures + l] = sum;
+    }
+}
+
+// y (..., N) = x (..., K) W^T, bf16, for W (N, K) in the panels above (`panels`: N * K values;
+// N a multiple of 64, K of 2), 1..16 rows.
+at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t N) {
+  TORCH_CHECK(panels.is_contiguous() && panels.scalar_type() == at::kBFloat16, "panels must be contiguous bf16");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "x must be bf16");
+  TORCH_CHECK(N > 0 && N % kPanelFeatures == 0, "N must be a positive multiple of 64, got ", N);
+  const int64_t K = panels.numel() / N;
+  TORCH_CHECK(K * N == panels.numel() && K % 2 == 0, "panels hold ", panels.numel(), " values, not N x K with K even");
+  const int64_t M = check_rows(x, K);
+  at::Tensor y = at::empty(out_shape(x, N), x.options());
+  const c10::BFloat16* wp = panels.data_ptr<c10::BFloat16>();
+  const c10::BFloat16* xp = x.data_ptr<c10::BFloat16>();
+  c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
+  const int64_t count = N / kPanelFeatures, panel = kPanelFeatures * K, pairs = K / 2;
+  const bool simd = use_simd();
+  auto emit = [&](int64_t p, const float* acc) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t l = 0; l < kPanelFeatures; ++l) yp[m * N + p * kPanelFeatures + l] = c10::BFloat16(acc[m * kPanelFeatures + l]);
+  };
+  at::parallel_for(0, count, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<float> buf(2 * kMaxRows * kPanelFeatures);
+    float* acc[2] = {buf.data(), buf.data() + kMaxRows * kPanelFeatures};
+    int64_t p = p0;
+#if SWATTN_VNNI && SWATTN_DPBF16
+    if (simd) {
+      if (M <= 2) {  // each thread reads the two halves of its panels side by side
+        const int64_t half = (p1 - p0) / 2;
+        for (int64_t i = 0; i < half; ++i) {
+          const c10::BFloat16* w[2] = {wp + (p0 + i) * panel, wp + (p0 + half + i) * panel};
+          std::fill(buf.begin(), buf.end(), 0.0f);
+          bf16_panels_rows<2>(static_cast<int>(M), w, xp, K, 0, pairs, acc);
+          emit(p0 + i, acc[0]);
+          emit(p0 + half + i, acc[1]);
+        }
+        p = p0 + 2 * half;
+      }
+      for (; p < p1; ++p) {
+        const c10::BFloat16* w = wp + p * panel;
+        std::fill(buf.begin(), buf.end(), 0.0f);
+        if (M <= 4) {
+          bf16_panels_rows<1>(static_cast<int>(M), &w, xp, K, 0, pairs, acc);
+        } else {  // rows in tiles of 4, block by block: a block read again for each tile comes from the cache
+          for (int64_t c0 = 0; c0 < pairs; c0 += kPanelPairs)
+            for (int64_t m0 = 0; m0 < M; m0 += 4) {
+              float* tile = acc[0] + m0 * kPanelFeatures;
+              bf16_panels_rows<1>(static_cast<int>(std::min<int64_t>(4, M - m0)), &w, xp + m0 * K, K, c0,
+                                  std::min(pairs, c0 + kPanelPairs), &tile);
+            }
+        }
+        emit(p, acc[0]);
+      }
+      return;
+    }
+#endif
+    (void)simd;
+    for (; p < p1; ++p) {
+      bf16_panel_portable(wp + p * panel, xp, M, K, acc[0]);
+      emit(p, acc[0]);
+    }
+  });
+  return y;
+}
+
 #if SWATTN_VNNI
 // One panel's first `lanes` features, all K columns, into rows of `o` (row length K): each
 // block's vectors transposed to one run of 32 values per feature, widened, scaled and stored
@@ -669,11 +801,13 @@ TORCH_LIBRARY_FRAGMENT(swattn, m) {
   m.def("linear_simd(int enable) -> bool", &swattn::linear_simd);
   m.def("quant_linear(Tensor x, Tensor qweight, Tensor scales, int bits, int N) -> Tensor");
   m.def("dense_linear(Tensor x, Tensor weight) -> Tensor");
+  m.def("panel_linear(Tensor x, Tensor panels, int N) -> Tensor");
   m.def("dequantize(Tensor qweight, Tensor scales, int bits, int row0, int row1, Tensor like) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(swattn, CPU, m) {
   m.impl("quant_linear", &swattn::quant_linear);
   m.impl("dense_linear", &swattn::dense_linear);
+  m.impl("panel_linear", &swattn::panel_linear);
   m.impl("dequantize", &swattn::dequantize);
 }
