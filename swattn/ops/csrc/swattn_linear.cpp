@@ -23,6 +23,8 @@
 // reads the two halves of its panels side by side: two streams, block by block.
 // Without VNNI the same integer arithmetic runs in portable loops (`linear_simd(0)` forces
 // them, for tests).
+//
+// Prepacked bf16 weights (oneDNN's layout, read in place): see panel_linear below.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -558,7 +560,6 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight) {
   });
   return y;
 }
-
 
 // bf16 weights in oneDNN's blocked layout for bf16 products (what PrepackedLinear holds; the
 // layout is checked on each weight before this kernel is given it, see swattn/ops/linear.py):
