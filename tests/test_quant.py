@@ -222,6 +222,8 @@ def test_quantized_embedding_few_ids_take_the_kernel_exactly(fmt, dtype, monkeyp
     for bad in (1000, -1):
         with pytest.raises(IndexError, match="out of range"):
             emb(torch.tensor([[bad]]))
+        with pytest.raises(IndexError, match=f"index {bad} is out of range"):  # the indexing path too
+            emb(torch.cat([many.flatten(), torch.tensor([bad])]).view(2, 11))
 
 
 @pytest.mark.parametrize("weights", quantize.WEIGHTS)

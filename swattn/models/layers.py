@@ -209,6 +209,10 @@ class QuantEmbedding(QuantLinear):
         flat = ids.reshape(-1)
         if flat.numel() <= linear.SMALL_ROWS and flat.device.type == "cpu" and linear.kernels():
             return self._few(flat).view(*ids.shape, self.in_features)
+        if flat.numel() and not bool(((flat >= 0) & (flat < self.out_features)).all()):
+            # indexing the panels would wrap a negative id around to another token's row
+            bad = flat[(flat < 0) | (flat >= self.out_features)][0].item()
+            raise IndexError(f"index {bad} is out of range for an embedding of {self.out_features} rows")
         panel, lane = flat // quant.LANES, flat % quant.LANES
         blocks = self.in_features // quant.BLOCK
         # only the ids' own bytes: (panels, block, vector, lane, 4) indexed at (panel, lane)
