@@ -31,7 +31,7 @@ def _decode_run(cache, steps, heads, heads_kv, dim, dtype, softcap, pad_row=Fals
 
 @pytest.fixture
 def native_decode():
-    """Sets whether bf16 caches use the CPU's bf16 dot products (head_dim a multiple of 32); restores it after."""
+    """Sets whether caches take the AVX-512 path (bf16 ones its bf16 dot products; head_dim a multiple of 32); restores it after."""
     before = torch.ops.swattn.native_decode(-1)
     yield lambda on: torch.ops.swattn.native_decode(int(on))
     torch.ops.swattn.native_decode(int(before))
@@ -40,10 +40,12 @@ def native_decode():
 @pytest.mark.parametrize("heads,heads_kv", [(4, 4), (4, 2), (6, 2), (8, 1)], ids=["MHA", "GQA", "GQA3", "MQA"])
 @pytest.mark.parametrize("kind,window", [("ring", 1), ("ring", 5), ("ring", 64), ("full", None), ("full", 5)])
 @pytest.mark.parametrize("softcap", [None, 3.0])
-@pytest.mark.parametrize("dtype,dim,bf16_dot", [(torch.float32, 40, False), (torch.bfloat16, 40, False),
+@pytest.mark.parametrize("dtype,dim,bf16_dot", [(torch.float32, 40, False), (torch.float32, 96, True),
+                                                (torch.bfloat16, 40, False),
                                                 (torch.bfloat16, 64, False), (torch.bfloat16, 64, True),
                                                 (torch.bfloat16, 96, True)],  # value lanes in groups and one left
-                         ids=["fp32", "bf16-d40", "bf16-d64-fp32dot", "bf16-d64-bf16dot", "bf16-d96-bf16dot"])
+                         ids=["fp32", "fp32-d96-avx512", "bf16-d40", "bf16-d64-fp32dot", "bf16-d64-bf16dot",
+                              "bf16-d96-bf16dot"])
 def test_decode_step_matches_the_oracle(heads, heads_kv, kind, window, softcap, dtype, dim, bf16_dot, native_decode):
     native_decode(bf16_dot)
     steps, batch = 23, 3

@@ -41,7 +41,7 @@ constexpr int64_t kTileKeys = 256;  // keys scored before their values are read 
                                      // prefetched meanwhile, wait in L2: 128 KiB at head_dim 256)
 constexpr int64_t kMinSlotsPerSplit = 256;
 constexpr int64_t kAheadKeys = 6;  // key rows prefetched ahead on the bf16 path
-std::atomic<bool> g_native_decode{true};  // bf16 / int8 caches on AVX-512 (off: the portable loops, for tests)
+std::atomic<bool> g_native_decode{true};  // the AVX-512 path (off: the portable loops, for tests)
 
 // A stored row as fp32: float rows as they are, others converted into buf (16 lanes at a time).
 template <typename T>
@@ -159,14 +159,19 @@ void partial(const Step& st, const TQ* q, const TC* ck, const TC* cv, const floa
 }
 
 #if defined(__AVX512BF16__)
-// The same partial softmax for bf16 and int8 caches with AVX-512. bf16: scores by vdpbf16ps
+// The same partial softmax with AVX-512, for every cache dtype. bf16: scores by vdpbf16ps
 // (q rounded to bf16, as the native bf16 forward does), values two keys at a time by vdpbf16ps
 // with the probabilities rounded to bf16 (as the bf16 forward rounds them before the product
-// with V); int8: keys and values widened 16 at a time, scaled once per key. The G heads share
-// each row read; rows are prefetched ahead. head_dim a multiple of 32.
+// with V); fp32, fp16 and int8: keys and values widened 16 at a time (int8 scaled once per key),
+// fp32 products. The G heads share each row read (the portable loops read it once per head);
+// rows are prefetched ahead. head_dim a multiple of 32.
 template <typename TC>
 inline __m512 widen16(const TC* src) {
-  if constexpr (std::is_same_v<TC, c10::BFloat16>) {
+  if constexpr (std::is_same_v<TC, float>) {
+    return _mm512_loadu_ps(src);
+  } else if constexpr (std::is_same_v<TC, c10::Half>) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+  } else if constexpr (std::is_same_v<TC, c10::BFloat16>) {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   } else {
@@ -245,7 +250,7 @@ template <int G, typename TQ, typename TC>
 void partial_simd(const Step& st, const TQ* q, const TC* ck, const TC* cv, const float* ks, const float* vs,
                   const int64_t* slot_pos, int64_t b, int64_t hk, int64_t p, int64_t j0, int64_t j1, float* m,
                   float* l, float* acc) {
-  constexpr bool kBf16 = std::is_same_v<TC, c10::BFloat16>;
+  constexpr bool kBf16 = std::is_same_v<TC, c10::BFloat16>, kInt8 = std::is_same_v<TC, int8_t>;
   const int64_t D = st.D, nc = D / 32, row_bytes = D * static_cast<int64_t>(sizeof(TC));
   std::vector<__m512bh> qb(kBf16 ? G * nc : 0);
   std::vector<float> qf(kBf16 ? 0 : G * D);
@@ -293,7 +298,7 @@ void partial_simd(const Step& st, const TQ* q, const TC* ck, const TC* cv, const
           for (int g = 0; g < G; ++g) a[g] = _mm512_fmadd_ps(kv, _mm512_loadu_ps(qf.data() + g * D + c), a[g]);
         }
       }
-      const float key_scale = kBf16 ? st.scale : st.scale * ks[base + j];
+      const float key_scale = kInt8 ? st.scale * ks[base + j] : st.scale;
       for (int g = 0; g < G; ++g) s[g][n] = _mm512_reduce_add_ps(a[g]) * key_scale;
       keys[n++] = j;
     }
@@ -335,8 +340,9 @@ void partial_simd(const Step& st, const TQ* q, const TC* ck, const TC* cv, const
       for (; c + 32 * kBlocks <= D; c += 32 * kBlocks) values_pairs<G, kBlocks>(cv, base, keys, 2 * pairs, w, acc, D, c);
       for (; c < D; c += 32) values_pairs<G, 1>(cv, base, keys, 2 * pairs, w, acc, D, c);
     } else {
-      for (int64_t j = 0; j < n; ++j)  // int8 values: their scale joins the weights
-        for (int g = 0; g < G; ++g) s[g][j] *= vs[base + keys[j]];
+      if constexpr (kInt8)
+        for (int64_t j = 0; j < n; ++j)  // int8 values: their scale joins the weights
+          for (int g = 0; g < G; ++g) s[g][j] *= vs[base + keys[j]];
       // every head's output over the tile's values, kChunks x 16 lanes at a time: each lane's sum
       // is a chain of n dependent FMAs, so G x kChunks of them in flight keep the FMA units busy
       // (16 lanes of 2 heads at a time left 2 chains, bound by the FMA's latency, not its rate)
@@ -356,7 +362,7 @@ void item(const Step& st, const TQ* q, const TC* ck, const TC* cv, const float* 
           const int64_t* slot_pos, int64_t b, int64_t hk, int64_t p, int64_t j0, int64_t j1, float* m, float* l,
           float* acc) {
 #if defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<TC, c10::BFloat16> || std::is_same_v<TC, int8_t>) {
+  {  // every cache dtype (head_dim a multiple of 32)
     if (st.D % 32 == 0 && g_native_decode.load(std::memory_order_relaxed)) {
       switch (st.G) {
         case 1: return partial_simd<1>(st, q, ck, cv, ks, vs, slot_pos, b, hk, p, j0, j1, m, l, acc);
@@ -503,7 +509,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
-// enable: 1 / 0 switches the AVX-512 path for bf16 and int8 caches on / off, -1 leaves it;
+// enable: 1 / 0 switches the AVX-512 path (every cache dtype) on / off, -1 leaves it;
 // gives whether it runs (false where the CPU lacks AVX512_BF16).
 bool native_decode(int64_t enable) {
   if (enable >= 0) g_native_decode.store(enable != 0);
