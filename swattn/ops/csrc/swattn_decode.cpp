@@ -40,7 +40,7 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kTileKeys = 256;  // keys scored before their values are read (their values,
                                      // prefetched meanwhile, wait in L2: 128 KiB at head_dim 256)
 constexpr int64_t kMinSlotsPerSplit = 256;
-constexpr int64_t kAheadKeys = 6;  // key rows prefetched ahead on the bf16 path
+constexpr int64_t kAheadKeys = 6;  // key rows prefetched ahead on the AVX-512 path
 std::atomic<bool> g_native_decode{true};  // the AVX-512 path (off: the portable loops, for tests)
 
 // A stored row as fp32: float rows as they are, others converted into buf (16 lanes at a time).
@@ -362,15 +362,13 @@ void item(const Step& st, const TQ* q, const TC* ck, const TC* cv, const float* 
           const int64_t* slot_pos, int64_t b, int64_t hk, int64_t p, int64_t j0, int64_t j1, float* m, float* l,
           float* acc) {
 #if defined(__AVX512BF16__)
-  {  // every cache dtype (head_dim a multiple of 32)
-    if (st.D % 32 == 0 && g_native_decode.load(std::memory_order_relaxed)) {
-      switch (st.G) {
-        case 1: return partial_simd<1>(st, q, ck, cv, ks, vs, slot_pos, b, hk, p, j0, j1, m, l, acc);
-        case 2: return partial_simd<2>(st, q, ck, cv, ks, vs, slot_pos, b, hk, p, j0, j1, m, l, acc);
-        case 4: return partial_simd<4>(st, q, ck, cv, ks, vs, slot_pos, b, hk, p, j0, j1, m, l, acc);
-        case 8: return partial_simd<8>(st, q, ck, cv, ks, vs, slot_pos, b, hk, p, j0, j1, m, l, acc);
-        default: break;
-      }
+  if (st.D % 32 == 0 && g_native_decode.load(std::memory_order_relaxed)) {  // every cache dtype
+    switch (st.G) {
+      case 1: return partial_simd<1>(st, q, ck, cv, ks, vs, slot_pos, b, hk, p, j0, j1, m, l, acc);
+      case 2: return partial_simd<2>(st, q, ck, cv, ks, vs, slot_pos, b, hk, p, j0, j1, m, l, acc);
+      case 4: return partial_simd<4>(st, q, ck, cv, ks, vs, slot_pos, b, hk, p, j0, j1, m, l, acc);
+      case 8: return partial_simd<8>(st, q, ck, cv, ks, vs, slot_pos, b, hk, p, j0, j1, m, l, acc);
+      default: break;
     }
   }
 #endif
