@@ -209,10 +209,9 @@ class QuantEmbedding(QuantLinear):
         flat = ids.reshape(-1)
         if flat.numel() <= linear.SMALL_ROWS and flat.device.type == "cpu" and linear.kernels():
             return self._few(flat).view(*ids.shape, self.in_features)
-        if flat.numel() and not bool(((flat >= 0) & (flat < self.out_features)).all()):
-            # indexing the panels would wrap a negative id around to another token's row
-            bad = flat[(flat < 0) | (flat >= self.out_features)][0].item()
-            raise IndexError(f"index {bad} is out of range for an embedding of {self.out_features} rows")
+        outside = (flat < 0) | (flat >= self.out_features)
+        if bool(outside.any()):  # indexing the panels would wrap a negative id around to another token's row
+            raise self._out_of_range(int(flat[outside][0]))
         panel, lane = flat // quant.LANES, flat % quant.LANES
         blocks = self.in_features // quant.BLOCK
         # only the ids' own bytes: (panels, block, vector, lane, 4) indexed at (panel, lane)
@@ -230,12 +229,15 @@ class QuantEmbedding(QuantLinear):
         bits = quant.BITS[self.fmt]
         for row, i in enumerate(flat.tolist()):
             if not 0 <= i < self.out_features:
-                raise IndexError(f"index {i} is out of range for an embedding of {self.out_features} rows")
+                raise self._out_of_range(i)
             start = i - i % quant.LANES
             panel = torch.ops.swattn.dequantize(self.qweight, self.scales, bits, start,
                                                 min(start + quant.LANES, self.out_features), out)
             out[row] = panel[i - start]
         return out
+
+    def _out_of_range(self, i: int) -> IndexError:
+        return IndexError(f"index {i} is out of range for an embedding of {self.out_features} rows")
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The head: ``x`` ``(..., hidden_size)`` gives ``(..., vocab_size)``."""

@@ -275,6 +275,15 @@ void panel_simd(const uint8_t* const* w, const at::Half* const* ws, const QuantR
 template <typename T>
 inline void store(T* y, float v) { *y = static_cast<T>(v); }
 
+// A thread's items [s, e) as two streams read side by side: pair(a, b) for a in the first half
+// and b its twin in the second; gives where the items left over (one, if the count is odd) start.
+template <typename Pair>
+int64_t side_by_side(int64_t s, int64_t e, Pair pair) {
+  const int64_t half = (e - s) / 2;
+  for (int64_t i = 0; i < half; ++i) pair(s + i, s + half + i);
+  return s + 2 * half;
+}
+
 // Splits the N output features across threads; fn(n, rows m0.., count, results) per feature.
 template <typename T, typename Fn>
 void over_features(int64_t M, int64_t N, T* y, Fn fn) {
@@ -344,17 +353,14 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
 #if SWATTN_VNNI
       // few rows: each thread reads the two halves of its panels side by side
       if (simd && M <= kPairRows) {
-        const int64_t half = (p1 - p0) / 2;
-        for (int64_t i = 0; i < half; ++i) {
-          const int64_t pa = p0 + i, pb = p0 + half + i;
+        p = side_by_side(p0, p1, [&](int64_t pa, int64_t pb) {
           const uint8_t* w[2] = {wq + pa * panel_bytes, wq + pb * panel_bytes};
           const at::Half* ws[2] = {sc + pa * panel_scales, sc + pb * panel_scales};
           if (bits == 8) panel_simd<8, 2>(w, ws, xr, 0, static_cast<int>(M), outs);
           else panel_simd<4, 2>(w, ws, xr, 0, static_cast<int>(M), outs);
           emit(pa, 0, static_cast<int>(M), res[0]);
           emit(pb, 0, static_cast<int>(M), res[1]);
-        }
-        p = p0 + 2 * half;
+        });
       }
 #endif
       for (; p < p1; ++p) {
@@ -536,7 +542,6 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight) {
 #if SWATTN_VNNI && SWATTN_DPBF16
       if (simd && M <= kPairRows) {  // few rows: each thread reads the two halves of its features side by side
         at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-          const int64_t half = (n1 - n0) / 2;
           float res[2 * kPairRows];
           auto pair = [&](int64_t a, int64_t b) {
             switch (M) {
@@ -547,8 +552,7 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight) {
             }
             for (int64_t r = 0; r < M; ++r) store(yp + r * N + a, res[r]), store(yp + r * N + b, res[M + r]);
           };
-          for (int64_t i = 0; i < half; ++i) pair(n0 + i, n0 + half + i);
-          for (int64_t n = n0 + 2 * half; n < n1; ++n) {
+          for (int64_t n = side_by_side(n0, n1, pair); n < n1; ++n) {
             dense_feature(w + n * K, xp, K, 0, static_cast<int>(M), res, simd);
             for (int64_t r = 0; r < M; ++r) store(yp + r * N + n, res[r]);
           }
@@ -658,15 +662,13 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t N
 #if SWATTN_VNNI && SWATTN_DPBF16
     if (simd) {
       if (M <= 2) {  // each thread reads the two halves of its panels side by side
-        const int64_t half = (p1 - p0) / 2;
-        for (int64_t i = 0; i < half; ++i) {
-          const c10::BFloat16* w[2] = {wp + (p0 + i) * panel, wp + (p0 + half + i) * panel};
+        p = side_by_side(p0, p1, [&](int64_t pa, int64_t pb) {
+          const c10::BFloat16* w[2] = {wp + pa * panel, wp + pb * panel};
           std::fill(buf.begin(), buf.end(), 0.0f);
           bf16_panels_rows<2>(static_cast<int>(M), w, xp, K, 0, pairs, acc);
-          emit(p0 + i, acc[0]);
-          emit(p0 + half + i, acc[1]);
-        }
-        p = p0 + 2 * half;
+          emit(pa, acc[0]);
+          emit(pb, acc[1]);
+        });
       }
       for (; p < p1; ++p) {
         const c10::BFloat16* w = wp + p * panel;
