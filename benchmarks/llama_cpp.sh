@@ -3,7 +3,7 @@
 #
 #     bash benchmarks/llama_cpp.sh [DIR]        # default DIR: /tmp/swattn-llama
 #
-# 1. builds llama-bench, llama-quantize and llama-server from the llama.cpp source that PyPI's
+# 1. builds llama-bench, llama-batched-bench, llama-quantize and llama-server from the llama.cpp source that PyPI's
 #    llama-cpp-python ships (Release, -DGGML_NATIVE=ON, 2 jobs: 3-5 minutes on 2 cores);
 # 2. converts the benchmark's random two-layer checkpoint (/tmp/swattn-bench/gemma2-2layer,
 #    written here if missing) with llama.cpp's own converter to f32 and bf16 GGUF, and with
@@ -29,10 +29,10 @@ if [ ! -d "llama_cpp_python-$VERSION" ]; then
 fi
 SRC=$DIR/llama_cpp_python-$VERSION/vendor/llama.cpp
 BIN=$SRC/build/bin
-if [ ! -x "$BIN/llama-bench" ] || [ ! -x "$BIN/llama-quantize" ]; then
+if [ ! -x "$BIN/llama-bench" ] || [ ! -x "$BIN/llama-batched-bench" ] || [ ! -x "$BIN/llama-quantize" ]; then
     cmake -S "$SRC" -B "$SRC/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF \
         -DLLAMA_CURL=OFF > cmake.log
-    cmake --build "$SRC/build" --target llama-bench llama-quantize llama-server -j 2 > build.log
+    cmake --build "$SRC/build" --target llama-bench llama-batched-bench llama-quantize llama-server -j 2 > build.log
 fi
 
 if [ ! -f "$CKPT/config.json" ]; then
