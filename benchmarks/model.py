@@ -192,24 +192,17 @@ def _llama_format(dtype: str, weights: str) -> str:
     return weights if weights != "dense" else dtype
 
 
-def llama_bench(binary: str, gguf: str, task: str, n: int, steps: int, kv: str | None, timeout: float) -> dict:
-    """llama.cpp's own benchmark, 2 threads, median of 3, both attention settings, the better one.
-
-    Prefill: ``-p n -n 0``; decode: ``-p 0 -n steps -d n`` (generation after n tokens of depth).
-    ``kv``: its cache type (-ctk/-ctv), None for its default (f16).
-    """
-    import json
+def _better_setting(command, read, kv: str | None, timeout: float) -> dict:
+    """Runs ``command(fa)`` for both of llama.cpp's attention settings (plus ``kv``, its cache type
+    -ctk/-ctv, None for its default f16), reads each output's tokens/s with ``read``; the better."""
     import subprocess
 
     best, notes = None, []
     for fa in ("off", "on"):
-        cmd = [binary, "-m", gguf, "-t", str(torch.get_num_threads()), "-r", "3", "-fa", fa, "-o", "json"]
-        cmd += ["-p", str(n), "-n", "0"] if task == "prefill" else ["-p", "0", "-n", str(steps), "-d", str(n)]
-        if kv is not None:
-            cmd += ["-ctk", kv, "-ctv", kv]
+        cmd = command(fa) + (["-ctk", kv, "-ctv", kv] if kv is not None else [])
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True).stdout
-            rate = float(json.loads(out)[0]["avg_ts"])
+            rate = read(out)
         except (subprocess.SubprocessError, ValueError, KeyError, IndexError) as exc:
             notes.append(f"fa {fa}: {str(exc).splitlines()[0][:60]}")
             continue
@@ -218,6 +211,21 @@ def llama_bench(binary: str, gguf: str, task: str, n: int, steps: int, kv: str |
     if best is None:
         return {"error": "; ".join(notes)}
     return {"tokens_per_s": best[0], "fa": best[1]}
+
+
+def llama_bench(binary: str, gguf: str, task: str, n: int, steps: int, kv: str | None, timeout: float) -> dict:
+    """llama.cpp's own benchmark, 2 threads, median of 3, both attention settings, the better one.
+
+    Prefill: ``-p n -n 0``; decode: ``-p 0 -n steps -d n`` (generation after n tokens of depth).
+    ``kv``: its cache type (-ctk/-ctv), None for its default (f16).
+    """
+    import json
+
+    def command(fa: str) -> list[str]:
+        cmd = [binary, "-m", gguf, "-t", str(torch.get_num_threads()), "-r", "3", "-fa", fa, "-o", "json"]
+        return cmd + (["-p", str(n), "-n", "0"] if task == "prefill" else ["-p", "0", "-n", str(steps), "-d", str(n)])
+
+    return _better_setting(command, lambda out: float(json.loads(out)[0]["avg_ts"]), kv, timeout)
 
 
 def llama_batched_bench(binary: str, gguf: str, context: int, steps: int, batch: int, kv: str | None,
@@ -231,26 +239,15 @@ def llama_batched_bench(binary: str, gguf: str, context: int, steps: int, batch:
     Q4_0, 8 sequences after 512 tokens: 505 / 571 tokens/s with fa off / on, against 699 / 688).
     """
     import json
-    import subprocess
 
-    best, notes = None, []
-    for fa in ("off", "on"):
-        cmd = [binary, "-m", gguf, "-t", str(torch.get_num_threads()), "-fa", fa, "-no-kvu",
-               "-c", str(batch * (context + steps + 64)), "-b", "2048", "-ub", "512",
-               "-npp", str(context), "-ntg", str(steps), "-npl", str(batch), "--output-format", "jsonl"]
-        if kv is not None:
-            cmd += ["-ctk", kv, "-ctv", kv]
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True).stdout
-            rate = float(json.loads(out.strip().splitlines()[-1])["speed_tg"])
-        except (subprocess.SubprocessError, ValueError, KeyError, IndexError) as exc:
-            notes.append(f"fa {fa}: {str(exc).splitlines()[0][:60]}")
-            continue
-        if best is None or rate > best[0]:
-            best = (rate, fa)
-    if best is None:
-        return {"error": "; ".join(notes)}
-    return {"tokens_per_s": best[0], "fa": best[1]}
+    def command(fa: str) -> list[str]:
+        return [binary, "-m", gguf, "-t", str(torch.get_num_threads()), "-fa", fa, "-no-kvu",
+                "-c", str(batch * (context + steps + 64)), "-b", "2048", "-ub", "512",
+                "-npp", str(context), "-ntg", str(steps), "-npl", str(batch), "--output-format", "jsonl"]
+
+    # jsonl: a line of settings, then one of results
+    return _better_setting(command, lambda out: float(json.loads(out.strip().splitlines()[-1])["speed_tg"]),
+                           kv, timeout)
 
 
 def batched_binary(llama_bench_path: str) -> str | None:
@@ -308,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="timed prefill runs (median)")
     parser.add_argument("--chunk", type=int, default=4096,
                         help="swattn's prefill chunk (and the chunk that fills caches before decoding)")
-    parser.add_argument("--peer-max-n", type=int, default=16384, help="largest prefill n for transformers' peers")
+    parser.add_argument("--peer-max-n", type=int, default=16384, help="largest prefill n for transformers' peers, and largest sequences x context for "
+                        "llama-batched-bench (it prefills them all: 8 x 16384 bf16 took it over 12 minutes)")
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "swattn-bench"),
                         help="where the random checkpoint is written once")
@@ -410,9 +408,12 @@ def main(argv: list[str] | None = None) -> int:
                         peer = llama_bench(args.llama_bench, gguf, "decode", context, 64, llama_kv, args.timeout)
                     elif gguf and ours:
                         batched = batched_binary(args.llama_bench)
-                        peer = ({"error": "no llama-batched-bench beside llama-bench (benchmarks/llama_cpp.sh builds it)"}
-                                if batched is None else
-                                llama_batched_bench(batched, gguf, context, 32, batch, llama_kv, args.timeout))
+                        if batched is None:
+                            peer = {"error": "no llama-batched-bench beside llama-bench (benchmarks/llama_cpp.sh builds it)"}
+                        elif batch * context > args.peer_max_n:  # it prefills every sequence first
+                            peer = {"error": f"not run ({batch} x {context} prompt tokens > --peer-max-n)"}
+                        else:
+                            peer = llama_batched_bench(batched, gguf, context, 32, batch, llama_kv, args.timeout)
                     after = fresh = read_bandwidth()
                     read = max(before, after)
                     bound = batch * read * 1e9 / step_bytes
