@@ -195,10 +195,43 @@ inline void dpbusd_bcast(__m512i& acc, const __m512i& w, const int32_t* x) {
   asm("vpdpbusd %[x]%{1to16%}, %[w], %[acc]" : [acc] "+v"(acc) : [w] "v"(w), [x] "m"(*x));
 }
 
+// Block b of the panel at wi into wv (8 vectors of 4 bytes x 16 features, q4 unpacked to one
+// value a byte); gives the block's 16 scales. R: the rows it is read for (the prefetch's choice).
+template <int BITS, int R>
+inline __m512 fetch_block(const uint8_t* wi, const at::Half* ws, int64_t b, __m512i* wv) {
+  constexpr int64_t block_bytes = BITS * kBlock * kLanes / 8;
+  // ask for the weights 8 KB ahead: wherever the loop computes long enough per byte (q4, or
+  // several rows) the hardware prefetcher alone leaves the memory idle, and the bytes in flight
+  // must cover the memory's latency at its rate (a 9216 x 2304 q4 product at 8 rows: 0.42 ms
+  // with 6 blocks ahead, 1.5 KB; 0.30 ms with 8 KB; one-row q4 products of a layer's weights on
+  // 2 Zen 5 cores: 61-64 -> 82 GB/s with a plain read at 85, 2 rows 55 -> 87-90). Not for one
+  // row of q8, the least work per byte, where the prefetcher keeps up and the extra
+  // instructions cost (54-56 -> 51-52 GB/s with a plain read at 52).
+  if constexpr (R > 1 || BITS == 4)
+    for (int64_t line = 0; line < block_bytes; line += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(wi + b * block_bytes + kAheadBytes + line), _MM_HINT_T0);
+  if constexpr (BITS == 8) {
+    for (int j = 0; j < 8; ++j) wv[j] = _mm512_loadu_si512(wi + (b * 8 + j) * 64);
+  } else {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    for (int j = 0; j < 4; ++j) {
+      const __m512i raw = _mm512_loadu_si512(wi + (b * 4 + j) * 64);
+      wv[j] = _mm512_and_si512(raw, low);
+      wv[j + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+    }
+  }
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + b * kLanes)));
+}
+
 // Panels w[0..P) against rows m0 .. m0+R, block by block in lockstep: P = 2 reads two weight
 // streams side by side, which the memory serves faster than one (a one-row q8 product of a
 // layer's weights on 2 Zen 5 cores: 69 -> 80 GB/s, q4 58 -> 65, with a plain read at 83).
 // out[i]: panel i's (R, 16) results.
+//
+// Zen 5 issues two vector loads a cycle (a 64-byte one takes both), and a dot product's
+// broadcast operand is one of them: with every activation group loaded for every product the
+// loads, not the two multiply pipes, bound the loop from a few rows on. So two panels share
+// each broadcast, and from 5 rows half of them come from shuffles.
 template <int BITS, int R, int P>
 void panel_vnni(const uint8_t* const* w, const at::Half* const* ws, const QuantRows& xr, int64_t m0, float* const* out) {
   const int64_t M = xr.M, nb = xr.K / kBlock;
@@ -208,64 +241,66 @@ void panel_vnni(const uint8_t* const* w, const at::Half* const* ws, const QuantR
   const int8_t* xq = xr.q.data() + m0 * kBlock;  // block b, row r: xq + (b * M + r) * 32
   const float* xs = xr.scale.data() + m0;        // block b, row r: xs[b * M + r]
   const int32_t* x0 = xr.start.data() + m0;
-  const __m512i low = _mm512_set1_epi8(0x0F);
-  constexpr int64_t block_bytes = BITS * kBlock * kLanes / 8;
   for (int64_t b = 0; b < nb; ++b) {
     const int8_t* xqb = xq + b * M * kBlock;
     const float* xsb = xs + b * M;
     const int32_t* x0b = x0 + b * M;
-    for (int i = 0; i < P; ++i) {
-      const uint8_t* wi = w[i];
-      // ask for the weights 8 KB ahead: wherever the loop computes long enough per byte (q4,
-      // or several rows) the hardware prefetcher alone leaves the memory idle, and the bytes in
-      // flight must cover the memory's latency at its rate (a 9216 x 2304 q4 product at 8 rows:
-      // 0.42 ms with 6 blocks ahead, 1.5 KB; 0.30 ms with 8 KB; one-row q4 products of a layer's
-      // weights on 2 Zen 5 cores: 61-64 -> 82 GB/s with a plain read at 85, 2 rows 55 -> 87-90).
-      // Not for one row of q8, the least work per byte, where the prefetcher keeps up and the
-      // extra instructions cost (54-56 -> 51-52 GB/s with a plain read at 52).
-      if constexpr (R > 1 || BITS == 4)
-        for (int64_t line = 0; line < block_bytes; line += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(wi + b * block_bytes + kAheadBytes + line), _MM_HINT_T0);
-      __m512i wv[8];
-      if constexpr (BITS == 8) {
-        for (int j = 0; j < 8; ++j) wv[j] = _mm512_loadu_si512(wi + (b * 8 + j) * 64);
-      } else {
-        for (int j = 0; j < 4; ++j) {
-          const __m512i raw = _mm512_loadu_si512(wi + (b * 4 + j) * 64);
-          wv[j] = _mm512_and_si512(raw, low);
-          wv[j + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
-        }
-      }
-      const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws[i] + b * kLanes)));
+    if constexpr (P == 2 && R > 1) {
+      // two panels: each group broadcast once into a register for both panels' products (in
+      // L2, cycles a panel and block: q4 2 rows 15.4-20.0 -> 13.6, 4 rows 24.0 -> 22.5; q8 2
+      // rows 20.2-20.8 -> 18.0-18.8, 4 rows 26.2-26.7 -> 22.7-23.2; L3-resident layer weights on
+      // 2 cores, alternating processes over six rounds: q4 2 rows 114-122 -> 126-138 GB/s, 4
+      // rows 78-80 -> 80-85, q8 2 rows 155-167 -> 159-180, 4 rows 116-129 -> 146-154; one row,
+      // which memory bounds anyway, measured 2-3% slower this way and keeps the loop below).
+      // One chain a panel: the two panels' chains are the independent work that covers the
+      // products' latency.
+      __m512i wa[8], wb[8];
+      const __m512 sa = fetch_block<BITS, R>(w[0], ws[0], b, wa);
+      const __m512 sb = fetch_block<BITS, R>(w[1], ws[1], b, wb);
       for (int r = 0; r < R; ++r) {
         const int32_t* xb = reinterpret_cast<const int32_t*>(xqb + r * kBlock);
-        __m512i d0 = _mm512_set1_epi32(x0b[r]);
-        __m512i d1 = _mm512_setzero_si512();  // two chains: the dot products' latency, not their rate
-        // From 5 rows the row's last 4 groups of 4 bytes come from one 16-byte broadcast and
-        // in-lane shuffles instead of the dot product's own memory operand. Zen 5 issues two
-        // vector loads a cycle (a 64-byte one takes both) and the shuffles run beside the dot
-        // products, so with every group loaded the loads bound the loop at many rows: 8 rows,
-        // q8, in L2: 46 cycles a block, 42 with the shuffles, 40 the bound of its 64 dot products
-        // and 16 multiplies on the two multiply pipes; all 8 groups by shuffles: 50, the shuffle
-        // pipes' turn. Up to 4 rows the loads keep up (mixed results, left as they were).
-        for (int j = 0; j < 4; j += 2) {
-          dpbusd_bcast(d0, wv[j], xb + j);
-          dpbusd_bcast(d1, wv[j + 1], xb + j + 1);
+        const __m512i start = _mm512_set1_epi32(x0b[r]);
+        __m512i da = start, db = start;
+        for (int j = 0; j < 8; ++j) {
+          const __m512i x = _mm512_set1_epi32(xb[j]);
+          da = _mm512_dpbusd_epi32(da, wa[j], x);
+          db = _mm512_dpbusd_epi32(db, wb[j], x);
         }
-        if constexpr (R > kPairRows) {
-          const __m512i high = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + 4)));
-          d0 = _mm512_dpbusd_epi32(d0, wv[4], _mm512_shuffle_epi32(high, _MM_PERM_AAAA));
-          d1 = _mm512_dpbusd_epi32(d1, wv[5], _mm512_shuffle_epi32(high, _MM_PERM_BBBB));
-          d0 = _mm512_dpbusd_epi32(d0, wv[6], _mm512_shuffle_epi32(high, _MM_PERM_CCCC));
-          d1 = _mm512_dpbusd_epi32(d1, wv[7], _mm512_shuffle_epi32(high, _MM_PERM_DDDD));
-        } else {
-          for (int j = 4; j < 8; j += 2) {
+        const __m512 xsr = _mm512_set1_ps(xsb[r]);
+        acc[0][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(da), _mm512_mul_ps(sa, xsr), acc[0][r]);
+        acc[1][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(db), _mm512_mul_ps(sb, xsr), acc[1][r]);
+      }
+    } else {
+      for (int i = 0; i < P; ++i) {
+        __m512i wv[8];
+        const __m512 s = fetch_block<BITS, R>(w[i], ws[i], b, wv);
+        for (int r = 0; r < R; ++r) {
+          const int32_t* xb = reinterpret_cast<const int32_t*>(xqb + r * kBlock);
+          __m512i d0 = _mm512_set1_epi32(x0b[r]);
+          __m512i d1 = _mm512_setzero_si512();  // two chains: the dot products' latency, not their rate
+          for (int j = 0; j < 4; j += 2) {
             dpbusd_bcast(d0, wv[j], xb + j);
             dpbusd_bcast(d1, wv[j + 1], xb + j + 1);
           }
+          if constexpr (R > kPairRows) {
+            // from 5 rows the row's last 4 groups come from one 16-byte broadcast and in-lane
+            // shuffles, which run beside the products (8 rows, q8, in L2: 46 cycles a block, 42
+            // with the shuffles, 40 the bound of its 64 products and 16 multiplies on the two
+            // multiply pipes; all 8 groups by shuffles: 50, the shuffle pipes' turn)
+            const __m512i high = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + 4)));
+            d0 = _mm512_dpbusd_epi32(d0, wv[4], _mm512_shuffle_epi32(high, _MM_PERM_AAAA));
+            d1 = _mm512_dpbusd_epi32(d1, wv[5], _mm512_shuffle_epi32(high, _MM_PERM_BBBB));
+            d0 = _mm512_dpbusd_epi32(d0, wv[6], _mm512_shuffle_epi32(high, _MM_PERM_CCCC));
+            d1 = _mm512_dpbusd_epi32(d1, wv[7], _mm512_shuffle_epi32(high, _MM_PERM_DDDD));
+          } else {
+            for (int j = 4; j < 8; j += 2) {
+              dpbusd_bcast(d0, wv[j], xb + j);
+              dpbusd_bcast(d1, wv[j + 1], xb + j + 1);
+            }
+          }
+          const __m512 d = _mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1));
+          acc[i][r] = _mm512_fmadd_ps(d, _mm512_mul_ps(s, _mm512_set1_ps(xsb[r])), acc[i][r]);
         }
-        const __m512 d = _mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1));
-        acc[i][r] = _mm512_fmadd_ps(d, _mm512_mul_ps(s, _mm512_set1_ps(xsb[r])), acc[i][r]);
       }
     }
   }
