@@ -208,9 +208,10 @@ def test_quant_modules_and_fusion():
 
 @pytest.mark.parametrize("fmt", quant.FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_quantized_embedding_few_ids_take_the_kernel_exactly(fmt, dtype, monkeypatch):
-    """A decode step's few ids go through the dequantize kernel, many ids through indexing: the
-    same values, ids in the last, partly filled panel included; ids out of range are named."""
+def test_quantized_embedding_few_ids_take_the_kernel_exactly(simd, fmt, dtype, monkeypatch):
+    """A decode step's few ids go through the row-dequantizing kernel in one call, many ids
+    through indexing: the same values, ids in the last, partly filled panel included; ids out of
+    range are named, by the layer and by the kernel itself."""
     torch.manual_seed(3)
     emb = QuantEmbedding(1000, 192, fmt, dtype)  # 1000 rows: the last panel holds 8
     emb.set_weight(torch.randn(1000, 192))
@@ -224,6 +225,10 @@ def test_quantized_embedding_few_ids_take_the_kernel_exactly(fmt, dtype, monkeyp
             emb(torch.tensor([[bad]]))
         with pytest.raises(IndexError, match=f"index {bad} is out of range"):  # the indexing path too
             emb(torch.cat([many.flatten(), torch.tensor([bad])]).view(2, 11))
+        with pytest.raises(IndexError, match=f"index {bad} is out of range"):  # the kernel, called directly
+            torch.ops.swattn.dequantize_rows(emb.qweight, emb.scales, quant.BITS[fmt], torch.tensor([3, bad]), 1000,
+                                             torch.empty(0, dtype=dtype))
+    assert torch.equal(emb(ids.int()), want[ids])  # int32 ids too
 
 
 @pytest.mark.parametrize("weights", quantize.WEIGHTS)

@@ -223,18 +223,16 @@ class QuantEmbedding(QuantLinear):
         return rows.to(self.dtype).view(*ids.shape, self.in_features)
 
     def _few(self, flat: torch.Tensor) -> torch.Tensor:
-        """A decode step's few rows ``(n, hidden)``: each id's panel of 16 rows dequantized by the
-        compiled kernel (the same values; the indexing above costs 0.2 ms per step at a 256k vocabulary)."""
-        out = torch.empty(flat.numel(), self.in_features, dtype=self.dtype)
-        bits = quant.BITS[self.fmt]
-        for row, i in enumerate(flat.tolist()):
+        """A decode step's few rows ``(n, hidden)``, dequantized by the compiled kernel in one call
+        (the same values; the indexing above costs 0.2 ms per step at a 256k vocabulary, and a
+        call per id 58 us for 8 ids)."""
+        for i in flat.tolist():
             if not 0 <= i < self.out_features:
                 raise self._out_of_range(i)
-            start = i - i % quant.LANES
-            panel = torch.ops.swattn.dequantize(self.qweight, self.scales, bits, start,
-                                                min(start + quant.LANES, self.out_features), out)
-            out[row] = panel[i - start]
-        return out
+        like = torch.empty(0, dtype=self.dtype)
+        ids = flat.contiguous() if flat.dtype == torch.int64 else flat.long()
+        return torch.ops.swattn.dequantize_rows(self.qweight, self.scales, quant.BITS[self.fmt], ids,
+                                                self.out_features, like)
 
     def _out_of_range(self, i: int) -> IndexError:
         return IndexError(f"index {i} is out of range for an embedding of {self.out_features} rows")

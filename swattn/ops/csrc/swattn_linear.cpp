@@ -752,6 +752,21 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t N
 }
 
 #if SWATTN_VNNI
+// A block's 32 unsigned values (columns 0..15 in lo, 16..31 in hi) less the format's offset,
+// times s, stored at dst.
+template <int BITS, typename T>
+inline void store_block(__m512i lo, __m512i hi, __m512 s, T* dst) {
+  const __m512i offset = _mm512_set1_epi32(kOffset<BITS>);
+  const __m512 a = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_sub_epi32(lo, offset)));
+  const __m512 c = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_sub_epi32(hi, offset)));
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_storeu_ps(dst, a);
+    _mm512_storeu_ps(dst + 16, c);
+  } else {
+    _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(c, a));  // round to nearest even, as the cast
+  }
+}
+
 // One panel's first `lanes` features, all K columns, into rows of `o` (row length K): each
 // block's vectors transposed to one run of 32 values per feature, widened, scaled and stored
 // 16 at a time (the scalar loop went value by value through weight_byte).
@@ -775,17 +790,30 @@ void dequantize_panel(const uint8_t* w, const at::Half* ws, int64_t K, int64_t l
         lo = _mm512_and_si512(v, _mm512_set1_epi32(0x0F));
         hi = _mm512_srli_epi32(v, 4);
       }
-      const __m512i offset = _mm512_set1_epi32(kOffset<BITS>);
-      const __m512 a = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_sub_epi32(lo, offset)));
-      const __m512 c = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_sub_epi32(hi, offset)));
-      T* dst = o + l * K + b * kBlock;
-      if constexpr (std::is_same_v<T, float>) {
-        _mm512_storeu_ps(dst, a);
-        _mm512_storeu_ps(dst + 16, c);
-      } else {
-        _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(c, a));  // round to nearest even, as the cast
-      }
+      store_block<BITS>(lo, hi, s, o + l * K + b * kBlock);
     }
+  }
+}
+
+// One feature (lane l of the panel at w), all K columns, into o: an embedding row.
+template <int BITS, typename T>
+void dequantize_feature(const uint8_t* w, const at::Half* ws, int64_t K, int64_t l, T* o) {
+  constexpr int kVectors = BITS == 8 ? 8 : 4;
+  for (int64_t b = 0; b < K / kBlock; ++b) {
+    const uint32_t* src = reinterpret_cast<const uint32_t*>(w + b * kVectors * 64);
+    alignas(32) uint32_t run[8];
+    for (int j = 0; j < kVectors; ++j) run[j] = src[j * kLanes + l];
+    __m512i lo, hi;
+    if constexpr (BITS == 8) {
+      const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(run));
+      lo = _mm512_cvtepu8_epi32(_mm256_castsi256_si128(v));
+      hi = _mm512_cvtepu8_epi32(_mm256_extracti128_si256(v, 1));
+    } else {
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(run)));
+      lo = _mm512_and_si512(v, _mm512_set1_epi32(0x0F));
+      hi = _mm512_srli_epi32(v, 4);
+    }
+    store_block<BITS>(lo, hi, _mm512_set1_ps(static_cast<float>(ws[b * kLanes + l])), o + b * kBlock);
   }
 }
 #endif
@@ -843,6 +871,45 @@ at::Tensor dequantize(const at::Tensor& qweight, const at::Tensor& scales, int64
   return out;
 }
 
+// Features `ids` (int64, each in [0, N)) of a quantized weight with N features as dense
+// (len(ids), K) rows of `like`'s dtype: a decode step's embedding rows, in one call.
+at::Tensor dequantize_rows(const at::Tensor& qweight, const at::Tensor& scales, int64_t bits, const at::Tensor& ids,
+                           int64_t N, const at::Tensor& like) {
+  TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4");
+  TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong && ids.is_contiguous(), "ids must be a 1-d int64 tensor");
+  const int64_t panels = qweight.size(0), K = qweight.size(1) * 8 / (kLanes * bits), n = ids.size(0);
+  TORCH_CHECK(N <= panels * kLanes, "qweight has ", panels, " panels, not enough for ", N, " features");
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t r = 0; r < n; ++r)
+    TORCH_CHECK_INDEX(0 <= id[r] && id[r] < N, "index ", id[r], " is out of range for ", N, " rows");
+  at::Tensor out = at::empty({n, K}, qweight.options().dtype(like.scalar_type()));
+  const uint8_t* wq = qweight.data_ptr<uint8_t>();
+  const at::Half* sc = scales.data_ptr<at::Half>();
+  const int64_t panel_bytes = qweight.size(1), panel_scales = scales.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, like.scalar_type(), "dequantize_rows", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < n; ++r) {  // a few rows: not worth waking the threads
+      const int64_t p = id[r] / kLanes, l = id[r] % kLanes;
+      const uint8_t* w = wq + p * panel_bytes;
+      const at::Half* ws = sc + p * panel_scales;
+#if SWATTN_VNNI && SWATTN_DPBF16
+      if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>) {
+        if (use_simd()) {
+          if (bits == 8) dequantize_feature<8>(w, ws, K, l, o + r * K);
+          else dequantize_feature<4>(w, ws, K, l, o + r * K);
+          continue;
+        }
+      }
+#endif
+      for (int64_t k = 0; k < K; ++k) {
+        const int32_t q = bits == 8 ? weight_byte<8>(w, l, k) - kOffset<8> : weight_byte<4>(w, l, k) - kOffset<4>;
+        o[r * K + k] = static_cast<scalar_t>(static_cast<float>(ws[(k / kBlock) * kLanes + l]) * static_cast<float>(q));
+      }
+    }
+  });
+  return out;
+}
+
 // enable: 1 / 0 switches the SIMD kernels on / off (off: the portable loops), -1 leaves it;
 // gives whether they run.
 bool linear_simd(int64_t enable) {
@@ -863,6 +930,7 @@ TORCH_LIBRARY_FRAGMENT(swattn, m) {
   m.def("dense_linear(Tensor x, Tensor weight) -> Tensor");
   m.def("panel_linear(Tensor x, Tensor panels, int N) -> Tensor");
   m.def("dequantize(Tensor qweight, Tensor scales, int bits, int row0, int row1, Tensor like) -> Tensor");
+  m.def("dequantize_rows(Tensor qweight, Tensor scales, int bits, Tensor ids, int N, Tensor like) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(swattn, CPU, m) {
@@ -870,4 +938,5 @@ TORCH_LIBRARY_IMPL(swattn, CPU, m) {
   m.impl("dense_linear", &swattn::dense_linear);
   m.impl("panel_linear", &swattn::panel_linear);
   m.impl("dequantize", &swattn::dequantize);
+  m.impl("dequantize_rows", &swattn::dequantize_rows);
 }
