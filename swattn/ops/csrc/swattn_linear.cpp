@@ -638,10 +638,6 @@ constexpr int64_t kPanelAhead = 2048;
 constexpr int64_t kPanelPairs = 256;  // column pairs per block when rows come in several tiles
 
 #if SWATTN_VNNI && SWATTN_DPBF16
-inline void dpbf16_bcast(__m512& acc, const __m512bh& w, const int32_t* x) {
-  asm("vdpbf16ps %[x]%{1to16%}, %[w], %[acc]" : [acc] "+v"(acc) : [w] "v"(w), [x] "m"(*x));
-}
-
 // Column pairs [c0, c1) of panels w[0..P) against rows 0..R of x (row length K): acc[i] (R, 64)
 // of panel i, added to. P = 2 reads two panels side by side (two streams, as the other kernels).
 template <int R, int P>
@@ -658,8 +654,14 @@ void bf16_panels(const c10::BFloat16* const* w, const c10::BFloat16* x, int64_t 
       for (int f = 0; f < 4; ++f) _mm_prefetch(reinterpret_cast<const char*>(wc + 32 * f) + kPanelAhead, _MM_HINT_T0);
       __m512bh wv[4];
       for (int f = 0; f < 4; ++f) wv[f] = (__m512bh)_mm512_loadu_si512(wc + 32 * f);
-      for (int r = 0; r < R; ++r)
-        for (int f = 0; f < 4; ++f) dpbf16_bcast(a[i][r][f], wv[f], xp + r * (K / 2) + c);
+      // the row's pair broadcast once into a register for the panel's 4 vectors: Zen 5 issues two
+      // vector loads a cycle, and 4 embedded broadcasts of the same pair were 4 of them (a 4.7 MB
+      // prepacked weight, L3-resident, 2 cores, alternating processes over three rounds: 2 rows
+      // 118-129 -> 170-184 GB/s, 4 rows 134-142 -> 163-170, 8 rows 70-78 -> 94-97, 1 row level)
+      for (int r = 0; r < R; ++r) {
+        const __m512bh xv = (__m512bh)_mm512_set1_epi32(xp[r * (K / 2) + c]);
+        for (int f = 0; f < 4; ++f) a[i][r][f] = _mm512_dpbf16_ps(a[i][r][f], wv[f], xv);
+      }
     }
   }
   for (int i = 0; i < P; ++i)
