@@ -168,6 +168,12 @@ constexpr int32_t kOffset = BITS == 8 ? 128 : 8;
 template <int BITS>
 constexpr int64_t kPanelBytesPerColumn = BITS == 8 ? kLanes : kLanes / 2;
 
+// Feature l, column k of the panel at w (scales ws) as its value: the portable loops' dequantizer.
+inline float weight_value(const uint8_t* w, const at::Half* ws, int64_t bits, int64_t l, int64_t k) {
+  const int32_t q = bits == 8 ? weight_byte<8>(w, l, k) - kOffset<8> : weight_byte<4>(w, l, k) - kOffset<4>;
+  return static_cast<float>(ws[(k / kBlock) * kLanes + l]) * static_cast<float>(q);
+}
+
 // Portable: a panel's 16 features for rows m0 .. m0+rows; out (rows, 16).
 template <int BITS>
 void panel_portable(const uint8_t* w, const at::Half* ws, const QuantRows& xr, int64_t m0, int rows, float* out) {
@@ -754,10 +760,22 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t N
 }
 
 #if SWATTN_VNNI
-// A block's 32 unsigned values (columns 0..15 in lo, 16..31 in hi) less the format's offset,
-// times s, stored at dst.
+// One feature's block of 32 values from its run of 4-byte groups in column order (q8: 8 groups
+// of bytes; q4: 4 groups, low nibbles columns 0..15, high ones 16..31): less the format's
+// offset, times scale, stored at dst.
 template <int BITS, typename T>
-inline void store_block(__m512i lo, __m512i hi, __m512 s, T* dst) {
+inline void store_run(const uint32_t* run, float scale, T* dst) {
+  __m512i lo, hi;  // columns 0..15 and 16..31
+  if constexpr (BITS == 8) {
+    const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(run));
+    lo = _mm512_cvtepu8_epi32(_mm256_castsi256_si128(v));
+    hi = _mm512_cvtepu8_epi32(_mm256_extracti128_si256(v, 1));
+  } else {
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(run)));
+    lo = _mm512_and_si512(v, _mm512_set1_epi32(0x0F));
+    hi = _mm512_srli_epi32(v, 4);
+  }
+  const __m512 s = _mm512_set1_ps(scale);
   const __m512i offset = _mm512_set1_epi32(kOffset<BITS>);
   const __m512 a = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_sub_epi32(lo, offset)));
   const __m512 c = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_sub_epi32(hi, offset)));
@@ -780,20 +798,8 @@ void dequantize_panel(const uint8_t* w, const at::Half* ws, int64_t K, int64_t l
     alignas(64) uint32_t runs[kLanes][kVectors];  // feature l's 4-byte groups in column order
     for (int j = 0; j < kVectors; ++j)
       for (int l = 0; l < kLanes; ++l) runs[l][j] = src[j * kLanes + l];
-    for (int64_t l = 0; l < lanes; ++l) {
-      const __m512 s = _mm512_set1_ps(static_cast<float>(ws[b * kLanes + l]));
-      __m512i lo, hi;  // columns 0..15 and 16..31 of the block
-      if constexpr (BITS == 8) {
-        const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(runs[l]));
-        lo = _mm512_cvtepu8_epi32(_mm256_castsi256_si128(v));
-        hi = _mm512_cvtepu8_epi32(_mm256_extracti128_si256(v, 1));
-      } else {  // low nibbles hold columns 0..15, high ones 16..31
-        const __m512i v = _mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(runs[l])));
-        lo = _mm512_and_si512(v, _mm512_set1_epi32(0x0F));
-        hi = _mm512_srli_epi32(v, 4);
-      }
-      store_block<BITS>(lo, hi, s, o + l * K + b * kBlock);
-    }
+    for (int64_t l = 0; l < lanes; ++l)
+      store_run<BITS>(runs[l], static_cast<float>(ws[b * kLanes + l]), o + l * K + b * kBlock);
   }
 }
 
@@ -805,17 +811,7 @@ void dequantize_feature(const uint8_t* w, const at::Half* ws, int64_t K, int64_t
     const uint32_t* src = reinterpret_cast<const uint32_t*>(w + b * kVectors * 64);
     alignas(32) uint32_t run[8];
     for (int j = 0; j < kVectors; ++j) run[j] = src[j * kLanes + l];
-    __m512i lo, hi;
-    if constexpr (BITS == 8) {
-      const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(run));
-      lo = _mm512_cvtepu8_epi32(_mm256_castsi256_si128(v));
-      hi = _mm512_cvtepu8_epi32(_mm256_extracti128_si256(v, 1));
-    } else {
-      const __m512i v = _mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(run)));
-      lo = _mm512_and_si512(v, _mm512_set1_epi32(0x0F));
-      hi = _mm512_srli_epi32(v, 4);
-    }
-    store_block<BITS>(lo, hi, _mm512_set1_ps(static_cast<float>(ws[b * kLanes + l])), o + b * kBlock);
+    store_run<BITS>(run, static_cast<float>(ws[b * kLanes + l]), o + b * kBlock);
   }
 }
 #endif
@@ -825,7 +821,7 @@ void dequantize_feature(const uint8_t* w, const at::Half* ws, int64_t K, int64_t
 at::Tensor dequantize(const at::Tensor& qweight, const at::Tensor& scales, int64_t bits, int64_t row0, int64_t row1,
                       const at::Tensor& like) {
   TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4");
-  const int64_t panels = qweight.size(0), K = qweight.size(1) * 8 / (kLanes * bits), nb = K / kBlock;
+  const int64_t panels = qweight.size(0), K = qweight.size(1) * 8 / (kLanes * bits);
   TORCH_CHECK(0 <= row0 && row0 % kLanes == 0 && row0 <= row1 && row1 <= panels * kLanes, "feature range out of bounds");
   at::Tensor out = at::empty({row1 - row0, K}, qweight.options().dtype(like.scalar_type()));
   const uint8_t* wq = qweight.data_ptr<uint8_t>();
@@ -850,23 +846,13 @@ at::Tensor dequantize(const at::Tensor& qweight, const at::Tensor& scales, int64
         }
       }
 #endif
-      std::vector<float> values(kLanes * K);  // (16, K)
       for (int64_t p = p0; p < p1; ++p) {
         const uint8_t* w = wq + p * panel_bytes;
         const at::Half* ws = sc + p * panel_scales;
-        for (int64_t b = 0; b < nb; ++b)
-          for (int64_t j = 0; j < 8; ++j)
-            for (int64_t l = 0; l < kLanes; ++l) {
-              const float s = static_cast<float>(ws[b * kLanes + l]);
-              for (int64_t t = 0; t < 4; ++t) {
-                const int64_t k = b * kBlock + 4 * j + t;
-                const int32_t q = bits == 8 ? weight_byte<8>(w, l, k) - kOffset<8> : weight_byte<4>(w, l, k) - kOffset<4>;
-                values[l * K + k] = s * static_cast<float>(q);
-              }
-            }
         const int64_t n0 = p * kLanes, lanes = std::min(kLanes, row1 - n0);
         for (int64_t l = 0; l < lanes; ++l)
-          for (int64_t k = 0; k < K; ++k) o[(n0 + l - row0) * K + k] = static_cast<scalar_t>(values[l * K + k]);
+          for (int64_t k = 0; k < K; ++k)
+            o[(n0 + l - row0) * K + k] = static_cast<scalar_t>(weight_value(w, ws, bits, l, k));
       }
     });
   });
@@ -903,10 +889,7 @@ at::Tensor dequantize_rows(const at::Tensor& qweight, const at::Tensor& scales, 
         }
       }
 #endif
-      for (int64_t k = 0; k < K; ++k) {
-        const int32_t q = bits == 8 ? weight_byte<8>(w, l, k) - kOffset<8> : weight_byte<4>(w, l, k) - kOffset<4>;
-        o[r * K + k] = static_cast<scalar_t>(static_cast<float>(ws[(k / kBlock) * kLanes + l]) * static_cast<float>(q));
-      }
+      for (int64_t k = 0; k < K; ++k) o[r * K + k] = static_cast<scalar_t>(weight_value(w, ws, bits, l, k));
     }
   });
   return out;
